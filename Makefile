@@ -1,0 +1,29 @@
+# Two commands for a fresh machine:  `make run` (set up .venv, train on the default config)
+# and `make test` (set up .venv, run the test suite). Every install step uses constraints.txt.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install bench bench-quick clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[trainer,test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m trainer.run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run_memory.py --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,16 @@
+"""oocmetrics: exact regression metrics over an on-disk prediction store, with bounded memory.
+
+    rec = oocmetrics.Recorder("runs/exp1", split="val")
+    for x, y in loader:
+        rec.update(y, model(x))      # (y_true, y_pred)
+    result = rec.compute()           # exact, over every row of the epoch
+    rec.reset()                      # next epoch
+"""
+from oocmetrics import _numba  # noqa: F401  (sets the numba cache dir before numba is imported)
+from oocmetrics.compute import compute_arrays
+from oocmetrics.metrics import METRICS, EpochMetrics
+from oocmetrics.recorder import Recorder
+from oocmetrics.store import StoreError, WriterError
+
+__all__ = ["Recorder", "EpochMetrics", "METRICS", "compute_arrays", "StoreError", "WriterError"]
+__version__ = "0.1.0"

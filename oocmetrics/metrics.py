@@ -1,0 +1,203 @@
+"""Metric registry: turns merged partials (see :mod:`oocmetrics.kernels.moments`) into metric values.
+
+Names follow scikit-learn: ``*_error`` lower is better, ``r2`` / ``explained_variance`` /
+``pearson_r`` higher is better. Each metric has a value per output (last axis) and an overall value:
+the uniform mean over outputs (scikit-learn's ``multioutput="uniform_average"``), except ``max_error``
+(max over outputs) and ``r2_variance_weighted`` (scikit-learn's ``"variance_weighted"``).
+
+Edge cases (scikit-learn's choices unless noted):
+- constant y_true in an output: r2 and explained_variance are 1.0 for a perfect prediction, else 0.0;
+- fewer than two values in an output: r2 is NaN (explained_variance follows the constant rule);
+- pearson_r is NaN when y_true or y_pred is constant (as SciPy); nrmse is NaN when y_true's range is 0;
+- an output with no finite pair at all (``nonfinite="skip"``): every metric of it is NaN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from oocmetrics.kernels.moments import (
+    C_TP, M2_E, M2_P, M2_T, MAX_AE, MAX_T, MIN_T, N, SAE, SKIPPED, SSE,
+)
+
+__all__ = ["METRICS", "EpochMetrics", "finalize", "resolve_metrics"]
+
+
+def _force_finite_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """1 - num/den with scikit-learn's force_finite rule for den == 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = 1.0 - num / den
+    out = np.where(den == 0.0, np.where(num == 0.0, 1.0, 0.0), out)
+    return out
+
+
+def _mse(P: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return P[SSE] / P[N]
+
+
+def _rmse(P: np.ndarray) -> np.ndarray:
+    return np.sqrt(_mse(P))
+
+
+def _mae(P: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return P[SAE] / P[N]
+
+
+def _r2(P: np.ndarray) -> np.ndarray:
+    out = _force_finite_ratio(P[SSE], P[M2_T])
+    return np.where(P[N] < 2, np.nan, out)
+
+
+def _explained_variance(P: np.ndarray) -> np.ndarray:
+    out = _force_finite_ratio(P[M2_E], P[M2_T])
+    return np.where(P[N] < 1, np.nan, out)
+
+
+def _pearson_r(P: np.ndarray) -> np.ndarray:
+    den = np.sqrt(P[M2_T]) * np.sqrt(P[M2_P])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = P[C_TP] / den
+    r = np.where(den > 0.0, np.clip(r, -1.0, 1.0), np.nan)
+    return r
+
+
+def _nrmse(P: np.ndarray) -> np.ndarray:
+    rng = P[MAX_T] - P[MIN_T]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = _rmse(P) / rng
+    return np.where(rng > 0.0, out, np.nan)
+
+
+def _max_error(P: np.ndarray) -> np.ndarray:
+    return np.where(P[N] > 0, P[MAX_AE], np.nan)
+
+
+def _mean(values: np.ndarray, P: np.ndarray) -> float:
+    return float(np.mean(values)) if values.size else float("nan")
+
+
+def _max(values: np.ndarray, P: np.ndarray) -> float:
+    return float(np.max(values)) if values.size else float("nan")
+
+
+def _variance_weighted(values: np.ndarray, P: np.ndarray) -> float:
+    weights = P[M2_T]
+    if not np.any(weights != 0.0):  # all outputs constant: scikit-learn falls back to uniform
+        return _mean(values, P)
+    return float(np.average(values, weights=weights))
+
+
+@dataclass(frozen=True)
+class _Metric:
+    per_output: Callable[[np.ndarray], np.ndarray]
+    overall: Callable[[np.ndarray, np.ndarray], float]
+    per_output_key: str  # name of the per-output array (variants share one)
+
+
+_REGISTRY: dict[str, _Metric] = {
+    "mse": _Metric(_mse, _mean, "mse"),
+    "rmse": _Metric(_rmse, _mean, "rmse"),
+    "mae": _Metric(_mae, _mean, "mae"),
+    "r2": _Metric(_r2, _mean, "r2"),
+    "r2_variance_weighted": _Metric(_r2, _variance_weighted, "r2"),
+    "explained_variance": _Metric(_explained_variance, _mean, "explained_variance"),
+    "pearson_r": _Metric(_pearson_r, _mean, "pearson_r"),
+    "nrmse": _Metric(_nrmse, _mean, "nrmse"),
+    "max_error": _Metric(_max_error, _max, "max_error"),
+}
+
+METRICS: tuple[str, ...] = tuple(_REGISTRY)
+"""Every metric name that ``Recorder(metrics=...)`` accepts, in report order."""
+
+
+def resolve_metrics(metrics: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Validate a metric selection; None means all of :data:`METRICS`."""
+    if metrics is None:
+        return METRICS
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    names = tuple(metrics)
+    unknown = [m for m in names if m not in _REGISTRY]
+    if unknown:
+        raise ValueError(
+            f"Unknown metric(s) {unknown}; choose from {list(METRICS)} or pass metrics=None for all."
+        )
+    if not names:
+        raise ValueError(f"metrics is empty; choose from {list(METRICS)} or pass metrics=None for all.")
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass
+class EpochMetrics:
+    """Exact metrics of one epoch: ``overall[name]`` floats and ``per_output[name]`` arrays (J,)."""
+
+    overall: dict[str, float]
+    per_output: dict[str, np.ndarray]
+    n_rows: int
+    n_values: int
+    n_skipped: int
+    epoch: int | None = None
+    split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> float:
+        try:
+            return self.overall[name]
+        except KeyError:
+            raise KeyError(f"{name!r} was not computed; available: {list(self.overall)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.overall
+
+    def keys(self):
+        return self.overall.keys()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (NaN stays NaN: Python's json writes it as NaN)."""
+        return {
+            "epoch": self.epoch,
+            "split": self.split,
+            "n_rows": self.n_rows,
+            "n_values": self.n_values,
+            "n_skipped": self.n_skipped,
+            "overall": dict(self.overall),
+            "per_output": {k: v.tolist() for k, v in self.per_output.items()},
+            **self.extra,
+        }
+
+    def __repr__(self) -> str:
+        vals = ", ".join(f"{k}={v:.6g}" for k, v in self.overall.items())
+        where = f"{self.split} epoch {self.epoch}, " if self.split is not None else ""
+        return f"EpochMetrics({where}{self.n_rows} rows: {vals})"
+
+
+def finalize(
+    partials: np.ndarray,
+    metrics: Iterable[str] | None = None,
+    *,
+    n_rows: int,
+    epoch: int | None = None,
+    split: str | None = None,
+) -> EpochMetrics:
+    """Metric values from fully merged partials (K, J)."""
+    names = resolve_metrics(metrics)
+    overall: dict[str, float] = {}
+    per_output: dict[str, np.ndarray] = {}
+    for name in names:
+        spec = _REGISTRY[name]
+        if spec.per_output_key not in per_output:
+            per_output[spec.per_output_key] = spec.per_output(partials)
+        overall[name] = spec.overall(per_output[spec.per_output_key], partials)
+    return EpochMetrics(
+        overall=overall,
+        per_output=per_output,
+        n_rows=int(n_rows),
+        n_values=int(partials[N].sum()),
+        n_skipped=int(partials[SKIPPED].sum()),
+        epoch=epoch,
+        split=split,
+    )
