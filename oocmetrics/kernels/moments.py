@@ -8,6 +8,11 @@ For each output j the partials are (a (K, J) float64 array, rows named by ``FIEL
   e = y_true - y_pred; ``c_tp``: co-moment sum((t - mean_t) * (p - mean_p))
 - ``sse = sum(e^2)``, ``sae = sum(|e|)``, ``max_ae = max(|e|)``, ``min_t``, ``max_t``
 
+Means and extremes are of *shifted* data, x - shift_j, where ``shift`` is one reference value per
+output (e.g. the first row of y_true) shared by every chunk of an epoch. Shifting makes the means
+small, so merging block means stays exact on data such as 1e8 + 1e-3 noise (the shifted-data
+algorithm); centred sums, counts and every metric are unchanged by it.
+
 Within a chunk, values are taken in blocks of ``BLOCK`` rows of the (M, J) view. Each block is reduced
 exactly in two passes from cache (pass 1: counts and sums, pass 2: centred sums about the block mean),
 so no ``sum(x^2) - n*mean^2`` cancellation occurs. Blocks, and then chunks, are merged with Chan's
@@ -97,10 +102,13 @@ def _tree(stack):
 
 
 @njit(cache=True, nogil=True)
-def _block(tf, pf, J, out):
+def _block(tf, pf, J, shift, out):
     """Exact two-pass partials of one block: tf, pf are flat C-order views of (b, J) values."""
     L = LANES * J
     size = tf.size
+    sh = np.empty(L)
+    for k in range(L):
+        sh[k] = shift[k % J]
     n = np.zeros(L)
     st = np.zeros(L)
     sp = np.zeros(L)
@@ -115,8 +123,8 @@ def _block(tf, pf, J, out):
         xt = tf[base:base + L]
         xp = pf[base:base + L]
         for k in range(xt.size):
-            t = np.float64(xt[k])
-            p = np.float64(xp[k])
+            t = np.float64(xt[k]) - sh[k]
+            p = np.float64(xp[k]) - sh[k]
             ok = (t - t == 0.0) & (p - p == 0.0)
             t = t if ok else 0.0
             p = p if ok else 0.0
@@ -175,8 +183,8 @@ def _block(tf, pf, J, out):
         xt = tf[base:base + L]
         xp = pf[base:base + L]
         for k in range(xt.size):
-            t = np.float64(xt[k])
-            p = np.float64(xp[k])
+            t = np.float64(xt[k]) - sh[k]
+            p = np.float64(xp[k]) - sh[k]
             ok = (t - t == 0.0) & (p - p == 0.0)
             w = 1.0 if ok else 0.0
             dt = (t if ok else 0.0) - mt[k]
@@ -204,7 +212,7 @@ def _block(tf, pf, J, out):
 
 
 @njit(cache=True, nogil=True)
-def _chunk(tf, pf, J):
+def _chunk(tf, pf, J, shift):
     size = tf.size
     step = BLOCK * J
     nblocks = max(1, (size + step - 1) // step)
@@ -212,7 +220,7 @@ def _chunk(tf, pf, J):
     for b in range(nblocks):
         lo = b * step
         hi = min(size, lo + step)
-        _block(tf[lo:hi], pf[lo:hi], J, stack[b])
+        _block(tf[lo:hi], pf[lo:hi], J, shift, stack[b])
     return _tree(stack)
 
 
@@ -227,14 +235,30 @@ def n_outputs(shape: tuple[int, ...]) -> int:
     return int(shape[-1]) if len(shape) > 1 else 1
 
 
-def chunk_partials(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Partials (K, J) of one chunk of rows; y_true and y_pred share a shape (rows, *trailing)."""
+def reference_shift(y_true: np.ndarray) -> np.ndarray:
+    """A shift per output for :func:`chunk_partials`: the first finite value of each output, else 0."""
+    J = n_outputs(y_true.shape)
+    first = np.asarray(y_true, dtype=np.float64).reshape(-1, J)[:1]
+    out = np.zeros(J)
+    if first.size:
+        out = np.where(np.isfinite(first[0]), first[0], 0.0)
+    return out
+
+
+def chunk_partials(y_true: np.ndarray, y_pred: np.ndarray, shift: np.ndarray | None = None) -> np.ndarray:
+    """Partials (K, J) of one chunk of rows; y_true and y_pred share a shape (rows, *trailing).
+
+    ``shift`` (J,) must be the same for every chunk that will be merged; None means zeros.
+    """
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true has shape {y_true.shape} but y_pred has {y_pred.shape}")
     J = n_outputs(y_true.shape)
+    shift = np.zeros(J) if shift is None else np.ascontiguousarray(shift, dtype=np.float64)
+    if shift.shape != (J,):
+        raise ValueError(f"shift has shape {shift.shape}; expected ({J},), one value per output")
     if y_true.size == 0:
         return empty_partials(J)
-    return _chunk(_flat(y_true), _flat(y_pred), J)
+    return _chunk(_flat(y_true), _flat(y_pred), J, shift)
 
 
 def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
