@@ -1,5 +1,7 @@
 # Two commands for a fresh machine:  `make run` (set up .venv, train on the default config)
 # and `make test` (set up .venv, run the test suite). Every install step uses constraints.txt.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,8 +12,9 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[trainer,test,bench]'
+	$(PIP) install -q --upgrade pip 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(PIP) install -q -c constraints.txt -e '.[trainer,test,bench]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(PY) -c "import oocmetrics, trainer, torch, zarr, dask, numba, sklearn, scipy, hypothesis, torchmetrics, matplotlib"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -69,7 +69,7 @@ class Recorder:
         split: str = "train",
         *,
         metrics: Iterable[str] | None = None,
-        chunk_mb: float = 16.0,
+        chunk_mb: float = 8.0,
         chunk_rows: int | None = None,
         queue_chunks: int = 2,
         compressors: Any = None,

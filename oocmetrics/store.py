@@ -291,14 +291,17 @@ class ChunkWriter:
 
     # -- training-thread side -------------------------------------------------------------------
     def acquire(self) -> tuple[np.ndarray, np.ndarray]:
-        """A free (y_true, y_pred) chunk buffer pair; waits while all are in flight."""
+        """A free (y_true, y_pred) chunk buffer pair; waits while all are in flight.
+
+        Never raises: if the writer has failed, one more buffer is made so that the batch being
+        copied completes and is held for :meth:`retry`; the caller's next entry point raises.
+        """
         while True:
-            self.raise_error()
             try:
                 return self._free.get_nowait()
             except queue.Empty:
                 pass
-            if self._made < self._n_buffers:
+            if self._made < self._n_buffers or self._error is not None:
                 self._made += 1
                 return self._make_buffers()
             try:
@@ -307,7 +310,7 @@ class ChunkWriter:
                 continue
 
     def submit(self, index: int, t: np.ndarray, p: np.ndarray, n: int, *, batches: int, seal: bool = False, recycle: bool = True) -> None:
-        self.raise_error()
+        """Queue a chunk; never raises, so a batch is never half recorded (errors surface later)."""
         with self._cv:
             self._jobs.append(_Job(index, t, p, n, batches, seal, recycle))
             self._cv.notify_all()
