@@ -252,3 +252,18 @@ def test_result_serializes_to_json(tmp_path, rng):
     data = json.loads(json.dumps(res.to_dict()))
     assert data["overall"]["mse"] == res["mse"] and len(data["per_output"]["r2"]) == 3
     assert "train epoch 0, 5 rows" in repr(res)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_bf16_and_grad(tmp_path):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    t = torch.randn(16, 500, 20, device="cuda", generator=gen)
+    p = (t + 0.1 * torch.randn(t.shape, device="cuda", generator=gen)).requires_grad_(True)
+    with oocmetrics.Recorder(tmp_path / "gpu", "val", chunk_rows=5) as rec:
+        for _ in range(3):
+            rec.update(t, p * 1.0)
+        rec.update(t.bfloat16(), p.detach().bfloat16())
+        res = rec.compute()
+    T = torch.cat([t] * 3 + [t.bfloat16().float()]).cpu().numpy()
+    P = torch.cat([p.detach()] * 3 + [p.detach().bfloat16().float()]).cpu().numpy()
+    assert_matches(res, T, P)
