@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from oocmetrics.compute import compute_store_arrays
-from oocmetrics.metrics import METRICS, EpochMetrics
+from oocmetrics.metrics import ALL_METRICS, EpochMetrics
 from oocmetrics.store import StoreError, list_epochs, open_epoch_arrays, open_root
 
 
@@ -83,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_compute.add_argument("path", help="store directory (the Recorder's path)")
     p_compute.add_argument("--split", default="train", help="split name (default: train)")
     p_compute.add_argument("--epoch", type=int, default=None, help="epoch index (default: the last)")
-    p_compute.add_argument("--metrics", nargs="+", choices=METRICS, default=None, help="metrics (default: all)")
+    p_compute.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=None,
+                           help="metrics (default: the one-pass suite; median_absolute_error on request)")
     p_compute.add_argument("--json", default=None, help="also write the result to this JSON file")
     p_compute.add_argument("--progress", action="store_true", help="show a progress bar")
     args = parser.parse_args(argv)

@@ -48,7 +48,7 @@ METRICS: tuple[str, ...] = (
     "max_error",
 )
 
-_BLOCK_ROWS = 65_536  # rows per block in numpy_metrics: bounds float64 temporaries to a few MB
+_BLOCK_ROWS = 8_192  # rows per block in numpy_metrics: 4 float64 (J, B) buffers stay in cache (2x faster than 64K)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,28 +171,31 @@ def _moments_two_pass(t: np.ndarray, p: np.ndarray, block_rows: int = _BLOCK_ROW
     contiguous axis (NumPy's pairwise summation); block sums are added with math.fsum (exact).
     """
     m, j = t.shape
-    bt = np.empty((j, min(block_rows, m)), dtype=np.float64)
-    bp = np.empty_like(bt)
-    be = np.empty_like(bt)
+    buf = np.empty((4, j, min(block_rows, m)))  # T, P, E and scratch, each (J, B), C-contiguous
     blocks = range(0, m, block_rows)
+
+    def load(lo: int) -> tuple[np.ndarray, ...]:
+        b = min(block_rows, m - lo)
+        T, P, E, W = buf[:, :, :b]
+        np.copyto(T, t[lo : lo + b].T)  # transpose + widen to float64 in one copy
+        np.copyto(P, p[lo : lo + b].T)
+        np.subtract(T, P, out=E)
+        return T, P, E, W
+
     # pass 1: plain sums and extremes
     sums: dict[str, list[np.ndarray]] = {"t": [], "p": [], "e": [], "sse": [], "sae": []}
     max_ae = np.zeros(j)
     min_t = np.full(j, np.inf)
     max_t = np.full(j, -np.inf)
     for lo in blocks:
-        b = min(block_rows, m - lo)
-        T, P, E = bt[:, :b], bp[:, :b], be[:, :b]
-        np.copyto(T, t[lo : lo + b].T)
-        np.copyto(P, p[lo : lo + b].T)
-        np.subtract(T, P, out=E)
+        T, P, E, W = load(lo)
         sums["t"].append(T.sum(axis=1))
         sums["p"].append(P.sum(axis=1))
         sums["e"].append(E.sum(axis=1))
-        sums["sse"].append((E * E).sum(axis=1))
-        np.abs(E, out=E)
-        sums["sae"].append(E.sum(axis=1))
-        np.maximum(max_ae, E.max(axis=1), out=max_ae)
+        sums["sse"].append(np.multiply(E, E, out=W).sum(axis=1))
+        np.abs(E, out=W)
+        sums["sae"].append(W.sum(axis=1))
+        np.maximum(max_ae, W.max(axis=1), out=max_ae)
         np.minimum(min_t, T.min(axis=1), out=min_t)
         np.maximum(max_t, T.max(axis=1), out=max_t)
     tot = {k: np.array([math.fsum(col) for col in np.array(v).T]) for k, v in sums.items()}
@@ -200,18 +203,14 @@ def _moments_two_pass(t: np.ndarray, p: np.ndarray, block_rows: int = _BLOCK_ROW
     # pass 2: centred sums around the global means
     cen: dict[str, list[np.ndarray]] = {"m2_t": [], "m2_p": [], "m2_e": [], "c_tp": []}
     for lo in blocks:
-        b = min(block_rows, m - lo)
-        T, P, E = bt[:, :b], bp[:, :b], be[:, :b]
-        np.copyto(T, t[lo : lo + b].T)
-        np.copyto(P, p[lo : lo + b].T)
-        np.subtract(T, P, out=E)
+        T, P, E, W = load(lo)
         T -= mean_t[:, None]
         P -= mean_p[:, None]
         E -= mean_e[:, None]
-        cen["m2_t"].append((T * T).sum(axis=1))
-        cen["m2_p"].append((P * P).sum(axis=1))
-        cen["m2_e"].append((E * E).sum(axis=1))
-        cen["c_tp"].append((T * P).sum(axis=1))
+        cen["m2_t"].append(np.multiply(T, T, out=W).sum(axis=1))
+        cen["m2_p"].append(np.multiply(P, P, out=W).sum(axis=1))
+        cen["m2_e"].append(np.multiply(E, E, out=W).sum(axis=1))
+        cen["c_tp"].append(np.multiply(T, P, out=W).sum(axis=1))
     out = {k: np.array([math.fsum(col) for col in np.array(v).T]) for k, v in cen.items()}
     out.update(
         n=np.full(j, m, dtype=np.int64),
@@ -238,7 +237,7 @@ def numpy_metrics(y_true: Any, y_pred: Any, *, metrics: Iterable[str] | None = N
 
     ``y_true`` and ``y_pred``: NumPy float arrays or torch tensors of the same shape
     ``(rows, *trailing)``. Returns ``{name: overall value}`` for ``metrics`` (default: all of
-    :data:`METRICS`). Memory: the inputs plus O(J * 65,536) float64 scratch.
+    :data:`METRICS`). Memory: the inputs plus 4 * J * 8,192 float64 of scratch.
     """
     return numpy_metrics_per_output(y_true, y_pred, metrics=metrics)[0]
 
@@ -368,30 +367,38 @@ class SampledRecorder(_ListRecorder):
 _SUMMED = ("sse", "sae")
 
 
-def _batch_moments(t: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
-    """Two-pass float64 statistics of one (m, J) batch, sums along contiguous axes."""
-    T = t.T.astype(np.float64)  # (J, m), C-contiguous
-    P = p.T.astype(np.float64)
-    E = T - P
-    m = T.shape[1]
+def _batch_moments(t: np.ndarray, p: np.ndarray, scratch: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Two-pass float64 statistics of one (m, J) batch, sums along contiguous axes (pairwise).
+
+    ``scratch``: optional float64 buffer of shape (4, J, m) reused between batches (fresh
+    multi-MB temporaries per batch cost more in page faults than the arithmetic).
+    """
+    m, j = t.shape
+    if scratch is None or scratch.shape != (4, j, m):
+        scratch = np.empty((4, j, m))
+    T, P, E, W = scratch  # (J, m) each, C-contiguous: each output's values are contiguous
+    np.copyto(T, t.T)
+    np.copyto(P, p.T)
+    np.subtract(T, P, out=E)
+    np.abs(E, out=W)
     s = {
-        "n": np.full(T.shape[0], m, dtype=np.int64),
-        "sse": (E * E).sum(axis=1),
-        "max_ae": np.abs(E).max(axis=1),
-        "sae": np.abs(E).sum(axis=1),
+        "n": np.full(j, m, dtype=np.int64),
+        "max_ae": W.max(axis=1),
+        "sae": W.sum(axis=1),
+        "sse": np.multiply(E, E, out=W).sum(axis=1),
         "min_t": T.min(axis=1),
         "max_t": T.max(axis=1),
-        "mean_t": T.mean(axis=1),
-        "mean_p": P.mean(axis=1),
-        "mean_e": E.mean(axis=1),
+        "mean_t": T.sum(axis=1) / m,
+        "mean_p": P.sum(axis=1) / m,
+        "mean_e": E.sum(axis=1) / m,
     }
     T -= s["mean_t"][:, None]
     P -= s["mean_p"][:, None]
     E -= s["mean_e"][:, None]
-    s["m2_t"] = (T * T).sum(axis=1)
-    s["m2_p"] = (P * P).sum(axis=1)
-    s["m2_e"] = (E * E).sum(axis=1)
-    s["c_tp"] = (T * P).sum(axis=1)
+    s["m2_t"] = np.multiply(T, T, out=W).sum(axis=1)
+    s["m2_p"] = np.multiply(P, P, out=W).sum(axis=1)
+    s["m2_e"] = np.multiply(E, E, out=W).sum(axis=1)
+    s["c_tp"] = np.multiply(T, P, out=W).sum(axis=1)
     return s
 
 
@@ -436,6 +443,7 @@ class StreamingReference:
 
     def reset_state(self) -> None:
         self._stack: list[tuple[int, dict[str, np.ndarray]]] = []  # (level, partial), levels decreasing
+        self._scratch: np.ndarray | None = None
         self._trailing: tuple[int, ...] | None = None
         self.rows = 0
         self.batches = 0
@@ -448,7 +456,9 @@ class StreamingReference:
             self._trailing = trailing
         elif trailing != self._trailing:
             raise ValueError(f"Expected trailing shape {self._trailing} for this epoch, but got {trailing}.")
-        part, level = _batch_moments(t, p), 0
+        if self._scratch is None or self._scratch.shape[1:] != (t.shape[1], t.shape[0]):
+            self._scratch = np.empty((4, t.shape[1], t.shape[0]))
+        part, level = _batch_moments(t, p, self._scratch), 0
         while self._stack and self._stack[-1][0] == level:
             _, prev = self._stack.pop()
             part, level = _merge(prev, part), level + 1

@@ -10,6 +10,10 @@ Edge cases (scikit-learn's choices unless noted):
 - fewer than two values in an output: r2 is NaN (explained_variance follows the constant rule);
 - pearson_r is NaN when y_true or y_pred is constant (as SciPy); nrmse is NaN when y_true's range is 0;
 - an output with no finite pair at all (``nonfinite="skip"``): every metric of it is NaN.
+
+:data:`METRICS`, the default, all come from one pass of decomposable partials. Order statistics
+(:data:`ORDER_METRICS`: ``median_absolute_error``, scikit-learn's definition, exact) need extra passes
+over the data (radix select, usually 3), so they are computed only when asked for by name.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from oocmetrics.kernels.moments import (
     C_TP, M2_E, M2_P, M2_T, MAX_AE, MAX_T, MIN_T, N, SAE, SKIPPED, SSE,
 )
 
-__all__ = ["METRICS", "EpochMetrics", "finalize", "resolve_metrics"]
+__all__ = ["METRICS", "ORDER_METRICS", "ALL_METRICS", "EpochMetrics", "finalize", "resolve_metrics"]
 
 
 def _force_finite_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -91,11 +95,16 @@ def _variance_weighted(values: np.ndarray, P: np.ndarray) -> float:
     return float(np.average(values, weights=weights))
 
 
+def _median_absolute_error(P: np.ndarray, order_stats: dict[str, np.ndarray]) -> np.ndarray:
+    return order_stats["median_absolute_error"]
+
+
 @dataclass(frozen=True)
 class _Metric:
-    per_output: Callable[[np.ndarray], np.ndarray]
+    per_output: Callable[..., np.ndarray]
     overall: Callable[[np.ndarray, np.ndarray], float]
     per_output_key: str  # name of the per-output array (variants share one)
+    order_statistic: bool = False  # needs extra passes; per_output then takes (P, order_stats)
 
 
 _REGISTRY: dict[str, _Metric] = {
@@ -108,14 +117,19 @@ _REGISTRY: dict[str, _Metric] = {
     "pearson_r": _Metric(_pearson_r, _mean, "pearson_r"),
     "nrmse": _Metric(_nrmse, _mean, "nrmse"),
     "max_error": _Metric(_max_error, _max, "max_error"),
+    "median_absolute_error": _Metric(_median_absolute_error, _mean, "median_absolute_error", True),
 }
 
-METRICS: tuple[str, ...] = tuple(_REGISTRY)
-"""Every metric name that ``Recorder(metrics=...)`` accepts, in report order."""
+METRICS: tuple[str, ...] = tuple(k for k, v in _REGISTRY.items() if not v.order_statistic)
+"""The default suite (``metrics=None``): every decomposable metric, all from one pass."""
+ORDER_METRICS: tuple[str, ...] = tuple(k for k, v in _REGISTRY.items() if v.order_statistic)
+"""Exact order statistics, computed only when named (they cost extra passes over the data)."""
+ALL_METRICS: tuple[str, ...] = METRICS + ORDER_METRICS
+"""Every name ``metrics=`` accepts."""
 
 
 def resolve_metrics(metrics: Iterable[str] | str | None) -> tuple[str, ...]:
-    """Validate a metric selection; None means all of :data:`METRICS`."""
+    """Validate a metric selection; None means the default suite :data:`METRICS`."""
     if metrics is None:
         return METRICS
     if isinstance(metrics, str):
@@ -124,10 +138,13 @@ def resolve_metrics(metrics: Iterable[str] | str | None) -> tuple[str, ...]:
     unknown = [m for m in names if m not in _REGISTRY]
     if unknown:
         raise ValueError(
-            f"Unknown metric(s) {unknown}; choose from {list(METRICS)} or pass metrics=None for all."
+            f"Unknown metric(s) {unknown}; choose from {list(ALL_METRICS)} or pass metrics=None "
+            f"for the default suite."
         )
     if not names:
-        raise ValueError(f"metrics is empty; choose from {list(METRICS)} or pass metrics=None for all.")
+        raise ValueError(
+            f"metrics is empty; choose from {list(ALL_METRICS)} or pass metrics=None for the default suite."
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -180,17 +197,21 @@ def finalize(
     metrics: Iterable[str] | None = None,
     *,
     n_rows: int,
+    order_stats: dict[str, np.ndarray] | None = None,
     epoch: int | None = None,
     split: str | None = None,
 ) -> EpochMetrics:
-    """Metric values from fully merged partials (K, J)."""
+    """Metric values from fully merged partials (K, J) and any order statistics computed for them."""
     names = resolve_metrics(metrics)
     overall: dict[str, float] = {}
     per_output: dict[str, np.ndarray] = {}
     for name in names:
         spec = _REGISTRY[name]
         if spec.per_output_key not in per_output:
-            per_output[spec.per_output_key] = spec.per_output(partials)
+            if spec.order_statistic:
+                per_output[spec.per_output_key] = spec.per_output(partials, order_stats or {})
+            else:
+                per_output[spec.per_output_key] = spec.per_output(partials)
         overall[name] = spec.overall(per_output[spec.per_output_key], partials)
     return EpochMetrics(
         overall=overall,
@@ -201,3 +222,8 @@ def finalize(
         epoch=epoch,
         split=split,
     )
+
+
+def order_statistics_needed(metrics: Iterable[str] | None) -> tuple[str, ...]:
+    """The order-statistic metrics in a selection (they need passes beyond the partials)."""
+    return tuple(m for m in resolve_metrics(metrics) if _REGISTRY[m].order_statistic)

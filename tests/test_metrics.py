@@ -154,7 +154,7 @@ def test_every_registered_metric_has_sane_properties(rng):
     t, p = _pair(rng, (30, 8, 4))
     res = oocmetrics.compute_arrays(t, p)
     perfect = oocmetrics.compute_arrays(t, t)
-    assert set(res.overall) == set(oocmetrics.METRICS)
+    assert set(res.overall) == set(oocmetrics.METRICS) and oocmetrics.ORDER_METRICS == ("median_absolute_error",)
     for name in oocmetrics.METRICS:
         assert np.isfinite(res[name]), name
     for name in ("mse", "rmse", "mae", "max_error", "nrmse"):
@@ -216,3 +216,36 @@ def test_property_matches_reference(rows, mid, outputs, offset, log_scale, chunk
         # relative to the metric's natural scale: errors scale with `scale`, scores are O(1)
         tol = 1e-9 * (scale if name in ("mse", "rmse", "mae", "max_error") else 1.0) ** (2 if name == "mse" else 1)
         assert res[name] == pytest.approx(v, rel=1e-8, abs=tol, nan_ok=True), name
+
+
+@pytest.mark.parametrize("case", ["continuous", "ties", "skip_nan", "offset"])
+def test_median_absolute_error_is_bit_exact(rng, case):
+    """Radix select over |e| bit patterns equals np.median / scikit-learn to the last bit."""
+    from sklearn.metrics import median_absolute_error
+
+    t, p = _pair(rng, (61, 9, 3), dtype=np.float64)
+    nonfinite = "raise"
+    if case == "ties":
+        t, p = np.round(t, 1), np.round(p, 1)  # many equal |e|: the select must still land right
+    if case == "offset":
+        t, p = t + 1e6, p + 1e6
+    if case == "skip_nan":
+        p[0, :, 1] = np.nan
+        nonfinite = "skip"
+    res = oocmetrics.compute_arrays(t, p, ["median_absolute_error", "mse"], chunk_rows=5,
+                                    nonfinite=nonfinite, split_every=2)
+    T, P = as_2d(t), as_2d(p)
+    ok = np.isfinite(P)
+    ref = np.array([median_absolute_error(T[ok[:, j], j], P[ok[:, j], j]) for j in range(3)])
+    np.testing.assert_array_equal(res.per_output["median_absolute_error"], ref)
+    assert res["median_absolute_error"] == pytest.approx(float(np.mean(ref)), rel=1e-15)
+    assert "median_absolute_error" not in oocmetrics.compute_arrays(t[:3], t[:3]).overall  # opt-in
+
+
+def test_order_statistics_with_no_finite_pair_and_one_value():
+    t = np.array([[1.0, np.nan], [2.0, np.nan]])
+    res = oocmetrics.compute_arrays(t, t + 0.5, ["median_absolute_error"], nonfinite="skip")
+    assert res.per_output["median_absolute_error"][0] == 0.5
+    assert math.isnan(res.per_output["median_absolute_error"][1])
+    one = oocmetrics.compute_arrays(np.array([3.0]), np.array([1.0]), ["median_absolute_error"])
+    assert one["median_absolute_error"] == 2.0

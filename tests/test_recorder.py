@@ -267,3 +267,18 @@ def test_cuda_tensors_bf16_and_grad(tmp_path):
     T = torch.cat([t] * 3 + [t.bfloat16().float()]).cpu().numpy()
     P = torch.cat([p.detach()] * 3 + [p.detach().bfloat16().float()]).cpu().numpy()
     assert_matches(res, T, P)
+
+
+def test_median_absolute_error_through_the_store(tmp_path, rng):
+    from sklearn.metrics import median_absolute_error
+
+    batches = _batches(rng, 7, last=3)
+    with oocmetrics.Recorder(tmp_path / "r", metrics=["median_absolute_error", "rmse"], chunk_rows=4) as rec:
+        for t, p in batches:
+            rec.update(t, p)
+        res = rec.compute()
+    t, p = _cat(batches)
+    T, P = t.reshape(-1, 3).astype(np.float64), p.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_array_equal(res.per_output["median_absolute_error"],
+                                  median_absolute_error(T, P, multioutput="raw_values"))
+    assert list(res.overall) == ["median_absolute_error", "rmse"]
