@@ -30,6 +30,14 @@ import zarr
 
 FORMAT = 1
 ARRAYS = ("y_true", "y_pred")
+
+# zarr runs file I/O in a thread pool of up to min(32, cores + 4) threads; each thread gets its own
+# malloc arena, and each arena keeps the chunk-sized buffers it freed. One I/O thread measured
+# +50 MB of peak RSS at epoch end against +105 MB with zarr's default, at the same speed (each of our
+# reads and writes is one whole chunk). Respect the user's choice if they made one
+# (zarr.config / ZARR_THREADING__MAX_WORKERS).
+if zarr.config.get("threading.max_workers") is None:
+    zarr.config.set({"threading.max_workers": 1})
 _TAG = "oocmetrics"
 
 

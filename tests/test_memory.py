@@ -31,7 +31,7 @@ print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
                   "rows": res.n_rows, "mse": res["mse"], "expected_mse": expected}))
 """
 
-BOUND_MB = 450  # fixed: holds at N and 4N (DEVELOPERS.md budget is 600 MB at any epoch size)
+BOUND_MB = 400  # fixed: holds at N and 4N (DEVELOPERS.md budget is 600 MB at any epoch size)
 N = 100         # 100 batches = 128 MB of y_true + y_pred; 4N = 512 MB
 
 
@@ -45,6 +45,9 @@ def _run(n_batches: int, path) -> dict:
 
 @pytest.mark.slow
 def test_peak_rss_does_not_grow_with_the_epoch(tmp_path):
+    # First use on a machine compiles the numba kernels (~200 MB of LLVM, once, then cached on disk):
+    # warm the cache in its own process so the measured processes see what every later run sees.
+    _run(1, tmp_path / "warm")
     small = _run(N, tmp_path / "small")
     large = _run(4 * N, tmp_path / "large")
     for r, n in ((small, N), (large, 4 * N)):
