@@ -174,15 +174,19 @@ class EpochMetrics:
         return self.overall.keys()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (NaN stays NaN: Python's json writes it as NaN)."""
+        """Strict-JSON-ready dict: undefined values (NaN) become None (null)."""
+
+        def clean(v: float) -> float | None:
+            return None if v != v else float(v)
+
         return {
             "epoch": self.epoch,
             "split": self.split,
             "n_rows": self.n_rows,
             "n_values": self.n_values,
             "n_skipped": self.n_skipped,
-            "overall": dict(self.overall),
-            "per_output": {k: v.tolist() for k, v in self.per_output.items()},
+            "overall": {k: clean(v) for k, v in self.overall.items()},
+            "per_output": {k: [clean(x) for x in v.tolist()] for k, v in self.per_output.items()},
             **self.extra,
         }
 

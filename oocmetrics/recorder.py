@@ -53,7 +53,8 @@ class Recorder:
         nonfinite: ``"raise"`` (default): a batch with NaN/Inf raises ValueError naming the batch and
             is not recorded. ``"skip"``: store it; pairs where y_true or y_pred is not finite are left
             out of every metric and counted in ``EpochMetrics.n_skipped``.
-        keep_epochs: finished epochs of this split kept on disk after ``reset()`` (None keeps all).
+        keep_epochs: finished epochs of this split kept on disk after ``reset()`` (None keeps all;
+            0 keeps only the epoch being written). ``close()`` always keeps the last epoch.
         mode: what to do when this split already has epochs on disk: ``"create"`` raises,
             ``"overwrite"`` deletes them, ``"resume"`` continues with the next epoch index.
         scheduler: dask scheduler for ``compute`` (None: local threads; or a distributed Client).
@@ -110,6 +111,8 @@ class Recorder:
         self._compressors = compressors
         self._run_id = uuid.uuid4().hex[:12]
         self._closed = False
+        self._spare: list[tuple[np.ndarray, np.ndarray]] = []
+        self._spare_layout: tuple[Any, ...] | None = None
 
         self._root = open_root(self.path, create=True)
         group = split_group(self._root, split, create=False)
@@ -156,7 +159,16 @@ class Recorder:
                          "shift": reference_shift(t[:1]).tolist()},
         )
 
+        layout = (chunk_rows, trailing, dtypes)
+        if self._spare_layout != layout:
+            self._spare = []  # buffers of the previous epoch fit only the same layout
+        self._spare_layout = layout
+
         def make_buffers() -> tuple[np.ndarray, np.ndarray]:
+            # Reuse the previous epoch's buffers: fresh chunk-sized allocations each epoch fragment
+            # the heap and creep the peak RSS up.
+            if self._spare:
+                return self._spare.pop()
             return (np.empty((chunk_rows, *trailing), dtypes[0]), np.empty((chunk_rows, *trailing), dtypes[1]))
 
         self._store = store
@@ -260,11 +272,13 @@ class Recorder:
         if self._closed:
             return
         try:
-            self._finish_epoch()
+            self._finish_epoch(closing=True)
         finally:
             if self._writer is not None:  # a failed writer: stop its thread, keep the durable rows
                 self._writer.close()
                 self._writer = None
+            self._spare = []
+            self._buf = None
             self._closed = True
 
     @property
@@ -306,7 +320,7 @@ class Recorder:
             writer.wait()
             store.seal_empty(self.batches)
 
-    def _finish_epoch(self) -> None:
+    def _finish_epoch(self, *, closing: bool = False) -> None:
         writer, store = self._writer, self._store
         if writer is None or store is None:
             return
@@ -314,11 +328,15 @@ class Recorder:
         writer.close()
         store.mark_complete()
         self._writer = None
-        self._apply_retention()
+        self._spare = writer.drain_free() + ([self._buf] if self._buf is not None else [])
+        self._buf = None
+        self._apply_retention(closing=closing)
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, *, closing: bool) -> None:
+        """After reset: keep ``keep_epochs`` finished epochs. At close the last epoch always stays."""
         if self.keep_epochs is None:
             return
+        keep = max(self.keep_epochs, 1) if closing else self.keep_epochs
         done = [e for e in list_epochs(self._group) if e <= self.epoch]
-        for old in done[: max(0, len(done) - self.keep_epochs)]:
+        for old in done[: max(0, len(done) - keep)]:
             delete_epoch(self._group, old)

@@ -357,6 +357,15 @@ class ChunkWriter:
             self._error = None
             self._cv.notify_all()
 
+    def drain_free(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The idle buffer pairs (for reuse by the next epoch)."""
+        out = []
+        while True:
+            try:
+                out.append(self._free.get_nowait())
+            except queue.Empty:
+                return out
+
     def close(self) -> None:
         with self._cv:
             self._stop = True

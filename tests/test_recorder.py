@@ -282,3 +282,36 @@ def test_median_absolute_error_through_the_store(tmp_path, rng):
     np.testing.assert_array_equal(res.per_output["median_absolute_error"],
                                   median_absolute_error(T, P, multioutput="raw_values"))
     assert list(res.overall) == ["median_absolute_error", "rmse"]
+
+
+def test_keep_epochs_zero_holds_one_epoch_and_close_keeps_the_last(tmp_path, rng):
+    with oocmetrics.Recorder(tmp_path / "r", keep_epochs=0, chunk_rows=4) as rec:
+        for epoch in range(3):
+            rec.update(*_batches(rng, 2)[0])
+            assert rec.stored_epochs() == [epoch]  # only the epoch being written
+            rec.reset()
+        rec.update(*_batches(rng, 1)[0])
+    assert rec.stored_epochs() == [3]
+
+
+def test_buffers_are_reused_across_epochs_of_the_same_layout(tmp_path, rng):
+    with oocmetrics.Recorder(tmp_path / "r", chunk_rows=4, queue_chunks=1) as rec:
+        for t, p in _batches(rng, 3):
+            rec.update(t, p)
+        rec.reset()
+        before = {id(a) for pair in rec._spare for a in pair}
+        assert len(before) == 4  # (queue_chunks + 1) pairs
+        for t, p in _batches(rng, 3):
+            rec.update(t, p)
+        in_use = {id(rec._buf[0]), id(rec._buf[1])}
+        assert in_use <= before
+        rec.reset()
+        rec.update(*_batches(rng, 1, shape=(5, 6, 2))[0])  # another layout: fresh buffers
+        assert rec._spare == [] and rec._buf[0].shape == (4, 6, 2)
+
+
+def test_to_dict_is_strict_json(tmp_path):
+    res = oocmetrics.compute_arrays(np.ones((4, 2)), np.ones((4, 2)) + [[0, 1]] * 4)
+    data = res.to_dict()
+    assert data["overall"]["pearson_r"] is None and data["per_output"]["pearson_r"] == [None, None]
+    json.dumps(data, allow_nan=False)
