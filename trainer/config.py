@@ -140,7 +140,8 @@ class MetricsConfig:
     chunk_mb: float = field(default=8.0, metadata=_help("oocmetrics chunk size in MiB (its default: 8)"))
     queue_chunks: int = field(default=2, metadata=_help("oocmetrics writer queue depth in chunks"))
     keep_epochs: int | None = field(default=1, metadata=_help(
-        "finished epochs kept on disk per split ('none' = all)"))
+        "finished epochs kept on disk per split after each new epoch starts ('none' = all; 0 = only "
+        "the epoch being written); the last epoch always stays"))
     order_metrics: bool = field(default=False, metadata=_help(
         "also compute the exact median absolute error (oocmetrics.ORDER_METRICS: a few more passes "
         "over the stored epoch)"))
@@ -228,7 +229,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
         train_subjects=8, val_subjects=2, test_subjects=2, recordings_per_subject=4,
         train_steps=110_620, eval_steps=25_000, window=500, stride=20, eval_stride=500,
         hidden=16, layers=3, kernel_size=3, epochs=1, batch_size=16, log_every=10,
-        keep_epochs=0,  # 14 GB of predictions per epoch: drop each finished epoch from disk
+        keep_epochs=0,  # 14 GB of predictions per epoch: one epoch on disk at a time (the last stays)
     ),
 }
 PRESETS: tuple[str, ...] = tuple(_PRESET_VALUES)
