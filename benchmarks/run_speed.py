@@ -246,30 +246,24 @@ def bench_per_batch(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out["torchmetrics"] = stats(time_calls(tm_update, pool, n))
     tm_res = {type(m).__name__: float(m.compute().mean()) for m in tm}
 
-    # oocmetrics at default settings: ingestion = updates + flush, wall clock
-    root = work / "ooc-ingest"
-    rec = oocmetrics.Recorder(root, split="speed", mode="overwrite")
-    c0 = time.perf_counter()
-    times = time_calls(rec.update, pool, n)
-    c1 = time.perf_counter()
-    rec.flush()
-    c2 = time.perf_counter()
-    rec.close()
-    shutil.rmtree(root, ignore_errors=True)
-    out["oocmetrics"] = {**stats(times, wall=c2 - c0), "flush_s": c2 - c1, "first_update_ms": times[0] * 1e3}
+    def ingest(name: str, *, warm: bool) -> tuple[dict[str, float], list[float]]:
+        """oocmetrics at default settings: ingestion = updates + flush, wall clock."""
+        root = work / name
+        rec = oocmetrics.Recorder(root, split="speed", mode="overwrite")
+        if warm:  # back the page cache it will fill first (see pretouch)
+            pretouch(int(1.2 * n * PAIR_BYTES))
+        c0 = time.perf_counter()
+        times = time_calls(rec.update, pool, n)
+        c1 = time.perf_counter()
+        rec.flush()
+        c2 = time.perf_counter()
+        rec.close()
+        shutil.rmtree(root, ignore_errors=True)
+        return {**stats(times, wall=c2 - c0), "flush_s": c2 - c1}, times
 
-    # the same right after backing the page cache it will fill (see pretouch)
-    root = work / "ooc-ingest-warm"
-    rec = oocmetrics.Recorder(root, split="speed", mode="overwrite")
-    pretouch(int(1.2 * n * PAIR_BYTES))
-    c0 = time.perf_counter()
-    times = time_calls(rec.update, pool, n)
-    c1 = time.perf_counter()
-    rec.flush()
-    c2 = time.perf_counter()
-    rec.close()
-    shutil.rmtree(root, ignore_errors=True)
-    out["oocmetrics_warm"] = {**stats(times, wall=c2 - c0), "flush_s": c2 - c1}
+    out["oocmetrics"], times = ingest("ooc-ingest", warm=False)
+    out["oocmetrics"]["first_update_ms"] = times[0] * 1e3
+    out["oocmetrics_warm"], _ = ingest("ooc-ingest-warm", warm=True)
 
     root = work / "ooc-paced"
     rec = oocmetrics.Recorder(root, split="speed", mode="overwrite")
