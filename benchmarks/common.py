@@ -10,7 +10,6 @@ import json
 import math
 import os
 import platform
-import resource
 import threading
 import time
 from pathlib import Path
@@ -101,8 +100,9 @@ class SyntheticEpoch:
 class RSSSampler:
     """Samples this process's RSS every ``interval`` s in a daemon thread; peak per phase.
 
-    ``phase(name)`` starts a new phase (its peak starts at the current RSS). ``ru_maxrss`` (the
-    kernel's high-water mark, which catches spikes shorter than the interval) is read separately.
+    ``phase(name)`` starts a new phase (its peak starts at the current RSS). The kernel's
+    high-water mark (VmHWM, via ``ru_maxrss_bytes``; it catches spikes shorter than the interval) is
+    read separately.
     """
 
     def __init__(self, interval: float = 0.05) -> None:
@@ -146,8 +146,10 @@ class RSSSampler:
 
 
 def ru_maxrss_bytes() -> int:
-    """The process's peak RSS as the kernel counts it (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's own peak RSS as the kernel counts it (VmHWM; see oocmetrics.peak_rss_bytes)."""
+    from oocmetrics.memory import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def code_version() -> str:

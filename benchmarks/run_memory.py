@@ -5,7 +5,8 @@ epoch of (16, 500, 20) float32 batches, generated batch by batch (never material
 like real recordings (subjects in order, error growing over the epoch). Each subprocess measures:
 
 * peak RSS of the whole process, sampled every 50 ms by a thread, per phase (epoch loop, compute),
-  and the kernel's ``ru_maxrss``;
+  and the kernel's high-water mark (VmHWM; stored under the key ``ru_maxrss``, which on Linux would
+  include the parent's peak);
 * wall time of the strategy's ``update`` calls, ``compute`` and ``close``;
 * every metric's relative error against a float64 streaming reference computed in the same
   process (``oocmetrics.baselines.StreamingReference``: per-batch two-pass float64 partials merged

@@ -8,12 +8,13 @@
 """
 from oocmetrics import _numba  # noqa: F401  (sets the numba cache dir before numba is imported)
 from oocmetrics.compute import compute_arrays
+from oocmetrics.memory import peak_rss_bytes
 from oocmetrics.metrics import ALL_METRICS, METRICS, ORDER_METRICS, EpochMetrics
 from oocmetrics.recorder import Recorder
 from oocmetrics.store import StoreError, WriterError
 
 __all__ = [
     "Recorder", "EpochMetrics", "METRICS", "ORDER_METRICS", "ALL_METRICS", "compute_arrays",
-    "StoreError", "WriterError",
+    "StoreError", "WriterError", "peak_rss_bytes",
 ]
 __version__ = "0.1.0"

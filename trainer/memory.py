@@ -1,7 +1,7 @@
 """Peak resident memory per phase (e.g. per epoch), measured while it runs.
 
-``resource.getrusage().ru_maxrss`` is the maximum over the whole process lifetime, so it cannot
-say which epoch peaked. ``RssSampler`` reads the current RSS (psutil) in a background thread every
+The kernel's high-water mark (``oocmetrics.peak_rss_bytes``) is the maximum over the whole process
+lifetime, so it cannot say which epoch peaked. ``RssSampler`` reads the current RSS (psutil) in a background thread every
 ``interval`` seconds and on every explicit ``sample()`` (the loops call it every few batches), and
 keeps the maximum since the last ``reset()``.
 
@@ -13,10 +13,9 @@ what would actually grow if something accumulated predictions.
 
 from __future__ import annotations
 
-import resource
-import sys
 import threading
 
+import oocmetrics
 import psutil
 
 __all__ = ["RssSampler", "lifetime_max_rss_mb"]
@@ -25,9 +24,8 @@ _MB = 1024.0 * 1024.0
 
 
 def lifetime_max_rss_mb() -> float:
-    """The process's peak RSS so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru / _MB if sys.platform == "darwin" else ru / 1024.0
+    """The process's own peak RSS so far (oocmetrics.peak_rss_bytes: VmHWM, not ru_maxrss)."""
+    return oocmetrics.peak_rss_bytes() / _MB
 
 
 class RssSampler:
