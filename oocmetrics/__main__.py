@@ -37,9 +37,8 @@ def compute_stored(
     y_true, y_pred, info = open_epoch_arrays(group, epoch)
     if info.rows == 0:
         raise ValueError(f"Epoch {epoch} of split {split!r} in {path} has no durable rows.")
-    shift = np.asarray(group[f"epoch={epoch}"].attrs.get("shift", [0.0] * y_true.shape[-1]), dtype=np.float64)
     result = compute_store_arrays(
-        y_true, y_pred, info.rows, shift, metrics=metrics, progress=progress, epoch=epoch, split=split,
+        y_true, y_pred, info.rows, np.asarray(info.shift), metrics=metrics, progress=progress, epoch=epoch, split=split,
     )
     result.extra.update({"batches": info.batches, "complete": info.complete})
     return result

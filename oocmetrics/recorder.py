@@ -151,12 +151,13 @@ class Recorder:
         dtypes = (store_dtype(t.dtype), store_dtype(p.dtype))
         row_bytes = max(1, int(np.prod(trailing, dtype=np.int64))) * max(d.itemsize for d in dtypes)
         chunk_rows = self._chunk_rows_opt or max(1, int(self._chunk_mb * _MB) // row_bytes)
+        shift = reference_shift(t[:1])
         store = EpochStore.create(
             self._group, self.epoch, trailing=trailing, dtypes=dtypes, chunk_rows=chunk_rows,
             compressors=self._compressors, run_id=self._run_id,
             extra_attrs={"split": self.split, "nonfinite": self.nonfinite,
                          "dtypes": [str(d) for d in dtypes],
-                         "shift": reference_shift(t[:1]).tolist()},
+                         "shift": shift.tolist()},
         )
 
         layout = (chunk_rows, trailing, dtypes)
@@ -172,7 +173,7 @@ class Recorder:
             return (np.empty((chunk_rows, *trailing), dtypes[0]), np.empty((chunk_rows, *trailing), dtypes[1]))
 
         self._store = store
-        self._shift = np.asarray(store.group.attrs["shift"], dtype=np.float64)
+        self._shift = shift
         self._writer = ChunkWriter(store, make_buffers, n_buffers=self._queue_chunks + 1)
         self._trailing, self._dtypes, self._chunk_rows = trailing, dtypes, chunk_rows
 

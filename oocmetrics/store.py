@@ -137,6 +137,7 @@ class EpochInfo:
     chunk_rows: int
     created: str
     updated: str
+    shift: tuple[float, ...]  # per-output reference value the partials are shifted by
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "EpochInfo":
@@ -150,6 +151,7 @@ class EpochInfo:
             chunk_rows=int(attrs["chunk_rows"]),
             created=str(attrs["created"]),
             updated=str(attrs["updated"]),
+            shift=tuple(float(v) for v in attrs["shift"]),
         )
 
 

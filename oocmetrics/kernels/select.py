@@ -25,7 +25,7 @@ _BLOCK = 8192
 
 @njit(cache=True, nogil=True)
 def _abs_err_keys(tf, pf, lo, hi, vals):
-    """|e| of elements [lo, hi) into vals[:hi-lo] as float64; non-finite pairs become NaN."""
+    """|e| of elements [lo, hi) into vals[:hi-lo] as float64; non-finite pairs give NaN or Inf."""
     for i in range(hi - lo):
         t = np.float64(tf[lo + i])
         p = np.float64(pf[lo + i])
