@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	$(PIP) install -q -c constraints.txt -e '.[trainer,test,bench]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	$(PY) -c "import oocmetrics, trainer, torch, zarr, dask, numba, sklearn, scipy, hypothesis, torchmetrics, matplotlib"
+	$(PY) -c "import oocmetrics, trainer, torch, zarr, dask, distributed, numba, filelock, psutil, tqdm, sklearn, scipy, hypothesis, torchmetrics, matplotlib"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +24,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# full runs, as in benchmarks/RESULTS.md (~7 min and ~5 min); outputs under bench_out/
+bench: $(STAMP)
+	$(PY) benchmarks/run_memory.py --out bench_out/memory
+	$(PY) benchmarks/run_speed.py --out bench_out/speed
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_memory.py --quick

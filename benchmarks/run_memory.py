@@ -9,9 +9,9 @@ like real recordings (subjects in order, error growing over the epoch). Each sub
   include the parent's peak);
 * wall time of the strategy's ``update`` calls, ``compute`` and ``close``;
 * every metric's relative error against a float64 streaming reference computed in the same
-  process (``oocmetrics.baselines.StreamingReference``: per-batch two-pass float64 partials merged
-  pairwise with Chan's formulas, independent of the oocmetrics kernels). So the exact strategy is
-  verified, not assumed.
+  process (``StreamingReference`` in ``benchmarks/baselines.py``: per-batch two-pass float64
+  partials merged pairwise with Chan's formulas, independent of the oocmetrics kernels). So the
+  exact strategy is verified, not assumed.
 
 Strategies: ``exact`` (``oocmetrics.Recorder``; its store lives under ``--out`` and is deleted
 after each run), ``sampled`` (the seed: first ``--sample-batches`` batches, but every batch kept
@@ -67,7 +67,7 @@ BASE_PROCESS_BYTES = 1.0 * GB  # interpreter + torch + oocmetrics + dask threads
 # child: one strategy, one epoch size
 # ----------------------------------------------------------------------------------------------
 def _make_strategy(name: str, args: argparse.Namespace, store: Path | None):
-    from oocmetrics.baselines import ConcatRecorder, SampledRecorder
+    from baselines import ConcatRecorder, SampledRecorder
 
     if name == "exact":
         import oocmetrics
@@ -92,7 +92,7 @@ def child_main(args: argparse.Namespace) -> int:
     import torch
 
     import oocmetrics
-    from oocmetrics.baselines import StreamingReference, numpy_metrics
+    from baselines import StreamingReference, numpy_metrics
 
     torch.set_grad_enabled(False)
     warm_t = np.random.default_rng(1).normal(size=(64, 3)).astype(np.float32)

@@ -298,7 +298,7 @@ def bench_compute(args: argparse.Namespace, work: Path, n: int) -> dict[str, Any
     import zarr
 
     import oocmetrics
-    from oocmetrics.baselines import numpy_metrics
+    from baselines import numpy_metrics
 
     epoch = SyntheticEpoch(n, seed=args.seed)
     root = work / f"ooc-compute-{n}"

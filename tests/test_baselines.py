@@ -1,4 +1,5 @@
-"""oocmetrics.baselines against scikit-learn / SciPy, over many batches and awkward inputs."""
+"""benchmarks/baselines.py (imported as ``baselines``: pyproject.toml puts benchmarks/ on
+pytest's path) against scikit-learn / SciPy, over many batches and awkward inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import scipy.stats
 from sklearn import metrics as skm
 
-from oocmetrics.baselines import (
+from baselines import (
     METRICS,
     ConcatRecorder,
     SampledRecorder,
@@ -82,7 +83,7 @@ def test_numpy_metrics_blocks_and_offset():
     got = numpy_metrics(t, p)
     assert_close(got, sk_reference(t, p), rtol=1e-9)
     # chunk invariance at the block level: same answer as a one-block computation
-    from oocmetrics.baselines import _finalize, _moments_two_pass
+    from baselines import _finalize, _moments_two_pass
 
     one_block = _finalize(_moments_two_pass(t.reshape(-1, 3), p.reshape(-1, 3), block_rows=10**7), METRICS)[0]
     assert_close(got, one_block, rtol=1e-13)
@@ -272,7 +273,7 @@ def test_streaming_reference_matches_sklearn(sizes):
 
 
 def test_streaming_reference_ill_conditioned_and_shuffled():
-    # offset 1e5 with noise 0.1 as in FIGURES.md: centred merges keep ~1e-9 or better
+    # offset 1e5 with noise 0.1 (sum(x^2) - n*mean^2 would cancel ~12 digits): centred merges keep ~1e-9
     rng = np.random.default_rng(9)
     t = (1e5 + 0.1 * rng.normal(size=(3000, 2))).astype(np.float64)
     p = t + 0.05 * rng.normal(size=t.shape)

@@ -130,6 +130,28 @@ def test_cli_subprocess(tmp_path: Path) -> None:
     assert [r["split"] for r in read_history(out)] == ["train", "val", "test"]
 
 
+@pytest.mark.slow
+def test_missing_matplotlib_warns_at_start_up_and_run_completes(tmp_path: Path) -> None:
+    """Without matplotlib: one warning before any training, every output but history.png, exit 0."""
+    out = tmp_path / "noplot"
+    code = ("import sys; sys.modules['matplotlib'] = None  # `import matplotlib` now raises ImportError\n"
+            "from trainer.run import main; sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", code, *smoke_args(out, tmp_path / "cache"), "--epochs", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=240)  # one stream: the order of the warning and the log lines is kept
+    assert proc.returncode == 0, proc.stdout
+    warning = "warning: matplotlib is not installed: history.png will not be written; pip install matplotlib"
+    lines = proc.stdout.splitlines()
+    assert lines.count(warning) == 1, proc.stdout
+    first_log = next(i for i, line in enumerate(lines) if LOG_LINE.match(line))
+    assert lines.index(warning) < first_log  # at start-up, not when epoch 0 ends
+    assert not (out / "history.png").exists()
+    for name in ("history.json", "history.csv", "checkpoint.pt", "config.json", "final_metrics.json"):
+        assert (out / name).is_file(), name
+    assert [r["split"] for r in read_history(out)] == ["train", "val", "train", "val", "test"]
+    assert "history.png" not in lines[-1]
+
+
 def test_resume_continues_at_next_epoch_and_matches_uninterrupted(tmp_path: Path, cache: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     full, part = tmp_path / "full", tmp_path / "part"

@@ -1,5 +1,8 @@
 """What a run leaves for people: a metrics table per epoch, the history (JSON + CSV), a PNG plot.
 
+The plot needs matplotlib (the ``trainer`` extra); without it the trainer warns once at start-up
+(:func:`can_plot`) and writes everything but ``history.png``.
+
 History rows are ``EpochResult.row()`` dicts: one per epoch and split (train, val, and test after
 the last epoch) with the loss, every overall metric, rows, seconds and peak RSS. Files are written
 to a temporary name and renamed, so a run killed mid-write leaves the previous version intact.
@@ -15,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "write_history", "plot_history", "write_json"]
+__all__ = ["NO_MATPLOTLIB", "can_plot", "format_table", "write_history", "plot_history", "write_json"]
 
 _LEADING = ("epoch", "split", "loss")
 _TRAILING = ("n_rows", "n_batches", "seconds", "compute_seconds", "peak_rss_mb", "peak_anon_mb")
@@ -79,11 +82,23 @@ def write_history(out: Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
     return json_path, csv_path
 
 
+NO_MATPLOTLIB = "matplotlib is not installed: history.png will not be written; pip install matplotlib"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib imports, so :func:`plot_history` can run. Ask at start-up, not after an epoch."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 _PANELS = ("loss", "rmse", "mae", "r2", "pearson_r", "max_error")
 
 
 def plot_history(path: Path, rows: list[dict[str, Any]], title: str = "") -> Path:
-    """Loss and metric curves per split (test as a single marker after the last epoch)."""
+    """Loss and metric curves per split (test as a single marker after the last epoch); needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")

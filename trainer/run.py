@@ -117,9 +117,12 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
     from trainer.loop import evaluate, train_epoch, validate_epoch
     from trainer.memory import RssSampler, lifetime_max_rss_mb
     from trainer.model import build_model
-    from trainer.report import format_table, plot_history, write_history, write_json
+    from trainer.report import NO_MATPLOTLIB, can_plot, format_table, plot_history, write_history, write_json
 
     t_start = time.perf_counter()
+    plots = can_plot()  # at start-up, not when epoch 0 ends: say once that history.png will be missing
+    if not plots:
+        print(f"warning: {NO_MATPLOTLIB}", file=sys.stderr, flush=True)
     d, tc = cfg.data, cfg.train
     splits = load_splits(d)  # validate the data before touching --out
     out = Path(cfg.out)
@@ -179,7 +182,8 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
             _say(format_table([tr.row(), va.row()]))
             save_checkpoint(out, model=model, optimizer=optimizer, cfg=cfg, epoch=epoch, history=history)
             write_history(out, history)
-            plot_history(out / "history.png", history, title=f"{cfg.name}: {out}")
+            if plots:
+                plot_history(out / "history.png", history, title=f"{cfg.name}: {out}")
             last = epoch
 
         te = evaluate(model, test_loader, recs["test"], epoch=last, progress=progress, rss=rss)
@@ -189,10 +193,11 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
     _say(format_table([te.row()]))
     save_checkpoint(out, model=model, optimizer=optimizer, cfg=cfg, epoch=last, history=history)
     write_history(out, history)
-    plot_history(out / "history.png", history, title=f"{cfg.name}: {out}")
+    if plots:
+        plot_history(out / "history.png", history, title=f"{cfg.name}: {out}")
     write_json(out / "final_metrics.json", details)
     _say(f"done in {time.perf_counter() - t_start:.1f} s; process peak RSS {lifetime_max_rss_mb():.0f} MiB; "
-         f"wrote {out}/history.json, history.csv, history.png, checkpoint.pt, final_metrics.json")
+         f"wrote {out}/history.json, history.csv{', history.png' if plots else ''}, checkpoint.pt, final_metrics.json")
     return history
 
 

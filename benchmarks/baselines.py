@@ -1,5 +1,10 @@
 """What the seed trainer did, kept as baselines for benchmarks and tests (pure NumPy, no store).
 
+Benchmark code, not part of the ``oocmetrics`` package: the scripts in this directory import it as
+``baselines`` (run as scripts, their directory is on ``sys.path``), and pytest finds it through
+``pythonpath = ["benchmarks"]`` in ``pyproject.toml``. It re-implements the finalisation and the
+merge on purpose, so that it stays an independent check of the library's kernels.
+
 * :func:`numpy_metrics` -- the float64 two-pass reference over arrays in RAM ("NumPy in RAM").
 * :class:`ConcatRecorder` -- the seed's naive pattern: keep a copy of every batch in Python lists,
   ``np.concatenate`` at epoch end, then :func:`numpy_metrics`. Memory grows with the epoch.
