@@ -6,15 +6,16 @@
     result = rec.compute()           # exact, over every row of the epoch
     rec.reset()                      # next epoch
 """
-from oocmetrics import _numba  # noqa: F401  (sets the numba cache dir before numba is imported)
+from oocmetrics import _numba  # noqa: F401  (numba.njit for the kernels; sets no process-wide state)
 from oocmetrics.compute import compute_arrays
 from oocmetrics.memory import peak_rss_bytes
 from oocmetrics.metrics import ALL_METRICS, METRICS, ORDER_METRICS, EpochMetrics
+from oocmetrics.errors import LockedError, StoreError, WriterError
 from oocmetrics.recorder import Recorder
-from oocmetrics.store import StoreError, WriterError
+from oocmetrics.stored import compute_stored
 
 __all__ = [
     "Recorder", "EpochMetrics", "METRICS", "ORDER_METRICS", "ALL_METRICS", "compute_arrays",
-    "StoreError", "WriterError", "peak_rss_bytes",
+    "compute_stored", "StoreError", "WriterError", "LockedError", "peak_rss_bytes",
 ]
 __version__ = "0.1.0"

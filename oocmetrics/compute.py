@@ -17,13 +17,13 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
-from zarr.core.buffer.cpu import NDBuffer
+from zarr.buffer.cpu import NDBuffer
 
 from oocmetrics.kernels import select
 from oocmetrics.kernels.moments import (
-    K, N, chunk_partials, empty_partials, n_outputs, reference_shift, tree_combine,
+    K, N, chunk_partials, empty_partials, n_outputs, tree_combine,
 )
-from oocmetrics.metrics import EpochMetrics, finalize, order_statistics_needed
+from oocmetrics.metrics import EpochMetrics, finalize, order_statistics_needed, resolve_metrics
 
 SPLIT_EVERY = 8
 
@@ -36,8 +36,15 @@ class RowBlocks:
     """
 
     def __init__(self, y_true: Any, y_pred: Any, rows: int, block_rows: int) -> None:
-        if tuple(y_true.shape) != tuple(y_pred.shape):
+        # Only the first ``rows`` rows are read: arrays of a run that stopped mid-write may be longer.
+        if tuple(y_true.shape[1:]) != tuple(y_pred.shape[1:]):
             raise ValueError(f"y_true has shape {tuple(y_true.shape)} but y_pred has {tuple(y_pred.shape)}")
+        short = [name for name, a in (("y_true", y_true), ("y_pred", y_pred)) if a.shape[0] < rows]
+        if short:
+            raise ValueError(
+                f"{short[0]} holds {min(y_true.shape[0], y_pred.shape[0])} rows, fewer than the {rows} "
+                f"rows to read; the store is damaged (inspect it with `python -m oocmetrics inspect`)."
+            )
         self.y_true, self.y_pred = y_true, y_pred
         self.rows, self.block_rows = int(rows), max(1, int(block_rows))
         self.n_outputs = n_outputs(tuple(y_true.shape))
@@ -102,10 +109,10 @@ def _identity(x: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndar
     return x
 
 
-def partials_graph(blocks: RowBlocks, shift: np.ndarray, *, split_every: int = SPLIT_EVERY) -> da.Array:
+def partials_graph(blocks: RowBlocks, *, split_every: int = SPLIT_EVERY) -> da.Array:
     """Lazy (1, K, J) merged partials of all blocks; see :func:`~oocmetrics.kernels.chunk_partials`."""
     J = blocks.n_outputs
-    parts = _per_block(blocks, chunk_partials, ((K,), (J,)), np.float64, np.asarray(shift, dtype=np.float64))
+    parts = _per_block(blocks, chunk_partials, ((K,), (J,)), np.float64)
     return da.reduction(
         parts, chunk=_identity, combine=_combine, aggregate=_combine, axis=0, keepdims=True,
         dtype=np.float64, split_every=split_every, concatenate=True,
@@ -114,13 +121,12 @@ def partials_graph(blocks: RowBlocks, shift: np.ndarray, *, split_every: int = S
 
 
 def compute_partials(
-    blocks: RowBlocks, shift: np.ndarray, *, split_every: int = SPLIT_EVERY, scheduler: Any = None,
-    progress: bool = False,
+    blocks: RowBlocks, *, split_every: int = SPLIT_EVERY, scheduler: Any = None, progress: bool = False,
 ) -> np.ndarray:
     """Merged partials (K, J) of every block, computed in one pass."""
     if blocks.n_blocks == 0:
         return empty_partials(blocks.n_outputs)
-    graph = partials_graph(blocks, shift, split_every=split_every)
+    graph = partials_graph(blocks, split_every=split_every)
     if progress:
         from dask.diagnostics import ProgressBar
 
@@ -186,12 +192,13 @@ def median_abs_error(blocks: RowBlocks, counts: np.ndarray, **kwargs: Any) -> np
 
 
 def metrics_of(
-    blocks: RowBlocks, shift: np.ndarray, *, metrics: Iterable[str] | None = None,
+    blocks: RowBlocks, *, metrics: Iterable[str] | None = None,
     split_every: int = SPLIT_EVERY, scheduler: Any = None, progress: bool = False,
     epoch: int | None = None, split: str | None = None,
 ) -> EpochMetrics:
     """Exact metrics of all blocks: one pass for the partials, more only for order statistics."""
-    partials = compute_partials(blocks, shift, split_every=split_every, scheduler=scheduler, progress=progress)
+    metrics = resolve_metrics(metrics)  # once: a generator must not be consumed twice
+    partials = compute_partials(blocks, split_every=split_every, scheduler=scheduler, progress=progress)
     order_stats = {}
     if "median_absolute_error" in order_statistics_needed(metrics):
         order_stats["median_absolute_error"] = median_abs_error(
@@ -220,13 +227,13 @@ def compute_arrays(
     if chunk_rows is None:
         chunk_rows = max(1, (8 << 20) // max(1, t[:1].nbytes))
     return metrics_of(
-        RowBlocks(t, p, rows, chunk_rows), reference_shift(t[:1]), metrics=metrics,
+        RowBlocks(t, p, rows, chunk_rows), metrics=metrics,
         split_every=split_every, scheduler=scheduler,
     )
 
 
 def compute_store_arrays(
-    y_true: Any, y_pred: Any, rows: int, shift: np.ndarray, **kwargs: Any,
+    y_true: Any, y_pred: Any, rows: int, **kwargs: Any,
 ) -> EpochMetrics:
     """Exact metrics over the first ``rows`` rows of two stored zarr arrays, one task per chunk."""
-    return metrics_of(RowBlocks(y_true, y_pred, rows, y_true.chunks[0]), shift, **kwargs)
+    return metrics_of(RowBlocks(y_true, y_pred, rows, y_true.chunks[0]), **kwargs)

@@ -3,30 +3,36 @@
 The recorder validates each batch once, copies it into a chunk-sized buffer (the only copy on the
 training thread), and hands full chunks to a background :class:`~oocmetrics.store.ChunkWriter`.
 Memory is bounded by ``(queue_chunks + 1)`` chunk buffers per array, whatever the epoch size.
+
+Guarantees (tested with real SIGKILLs, injected ENOSPC, two writers and Ctrl-C):
+- a batch is recorded whole or not at all, whatever interrupts ``update``;
+- rows are *durable* (survive a crash of the process) once their chunk is written: at every full
+  chunk, and at ``flush``/``compute``/``reset``/``close``; ``fsync=True`` makes them survive power loss;
+- a write failure loses nothing: the rows stay held in memory until ``retry()`` writes them;
+- one writer per split (a file lock); readers need no lock;
+- an epoch is marked complete only by ``reset()`` or ``close()``, never by an exception.
 """
 from __future__ import annotations
 
+import copy
 import os
+import signal
+import threading
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import numpy as np
 
 from oocmetrics.compute import SPLIT_EVERY, compute_store_arrays
-from oocmetrics.kernels.moments import reference_shift
+from oocmetrics.errors import StoreError, WriterError
+from oocmetrics.lock import SplitLock
 from oocmetrics.metrics import EpochMetrics, resolve_metrics
 from oocmetrics.store import (
-    ChunkWriter,
-    EpochStore,
-    StoreError,
-    delete_epoch,
-    delete_split,
-    epoch_info,
-    list_epochs,
-    open_root,
-    split_group,
+    ChunkWriter, EpochSpec, EpochStore, Job, check_split_name, describe_oserror, ensure_split, epoch_name,
+    meta_dir, open_root, recover_split, remove_epochs, scan_split,
 )
 from oocmetrics.validation import NonFinite, check_batch, store_dtype
 
@@ -34,34 +40,79 @@ Mode = Literal["create", "overwrite", "resume"]
 _MB = 1 << 20
 
 
+@dataclass(frozen=True)
+class _Pos:
+    """Where the current epoch stands; replaced in one assignment, so an interrupt sees old or new."""
+
+    rows: int = 0
+    batches: int = 0
+    fill: int = 0  # rows in the current buffer
+    chunk_index: int = 0  # index of the chunk the current buffer will become
+    buf: tuple[np.ndarray, np.ndarray] | None = None
+
+
+class _DeferInterrupt:
+    """Hold back SIGINT (Ctrl-C) for a few lines in the main thread; re-raise it afterwards."""
+
+    def __enter__(self) -> "_DeferInterrupt":
+        self._old = None
+        self._hit = False
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._old = signal.signal(signal.SIGINT, self._handler)
+            except ValueError:  # not the main interpreter
+                self._old = None
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self._hit = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            if self._hit:
+                if callable(self._old):
+                    self._old(signal.SIGINT, None)
+                elif self._old == signal.SIG_DFL:
+                    raise KeyboardInterrupt
+
+
 class Recorder:
     """Record (y_true, y_pred) batches of an epoch to disk and compute exact metrics over all of them.
 
     Args:
         path: run directory (a zarr v3 store, created if missing); splits and epochs live inside it.
-        split: name of this recorder's split, e.g. ``"train"``, ``"val"``.
-        metrics: metric names (see :data:`oocmetrics.METRICS`); None computes all.
+        split: name of this recorder's split, e.g. ``"train"``, ``"val"`` (letters, digits, ``_.-``).
+        epoch: number of the first epoch recorded (default: 0, or where ``mode="resume"`` continues).
+            Give it when your loop has its own epoch numbers (e.g. after resuming from a checkpoint).
+        metrics: metric names (see :data:`oocmetrics.METRICS`); None computes the default suite.
         chunk_mb: target size of one stored chunk per array, in MiB. Rows are buffered until a chunk is
             full and each chunk is written once. Ignored when ``chunk_rows`` is given.
         chunk_rows: rows per chunk, instead of ``chunk_mb``.
         queue_chunks: chunks that may wait for the writer; when all are in flight ``update`` blocks
             (backpressure) rather than memory growing. Peak buffer memory is about
             ``2 * (queue_chunks + 1) * chunk_mb`` MiB.
-        compressors: zarr v3 compressors for the arrays (e.g. ``numcodecs.zarr3.LZ4()`` or
-            ``zarr.codecs.BloscCodec(cname="zstd", clevel=1)``); default None: float predictions
-            compress only ~1.1x with lz4 while writing 2-4x slower (see README).
+        compressors: zarr v3 compressors for the arrays (e.g. ``numcodecs.zarr3.LZ4()``); default
+            None: float predictions barely compress and compression slows writing.
         nonfinite: ``"raise"`` (default): a batch with NaN/Inf raises ValueError naming the batch and
             is not recorded. ``"skip"``: store it; pairs where y_true or y_pred is not finite are left
             out of every metric and counted in ``EpochMetrics.n_skipped``.
-        keep_epochs: finished epochs of this split kept on disk after ``reset()`` (None keeps all;
-            0 keeps only the epoch being written). ``close()`` always keeps the last epoch.
-        mode: what to do when this split already has epochs on disk: ``"create"`` raises,
-            ``"overwrite"`` deletes them, ``"resume"`` continues with the next epoch index.
+        keep_epochs: finished epochs of this split kept on disk besides the one being recorded (None
+            keeps all). When an epoch is finished the newest ``max(keep_epochs, 1)`` stay; when the
+            next epoch writes its first chunk, the newest ``keep_epochs`` stay. So 0 keeps only the
+            epoch being written, and after ``close()`` the last epoch with rows is always on disk.
+        mode: when the split already has epochs on disk: ``"create"`` raises, ``"overwrite"``
+            deletes them, ``"resume"`` continues: after the last epoch if it is complete, else it
+            replaces that (crashed) epoch. With ``epoch=k`` it replaces stored epochs >= k, when epoch
+            k writes its first chunk (nothing is deleted before there is something to replace it).
+        fsync: also ``fsync`` each chunk and the row count, so durable rows survive power loss,
+            not only a process crash (costs a disk flush per chunk).
+        lock_timeout: seconds to wait for another writer of this split to close (0: fail at once).
         scheduler: dask scheduler for ``compute`` (None: local threads; or a distributed Client).
         split_every: fan-in of the dask tree reduction.
         progress: show a dask progress bar during long ``compute`` calls.
 
-    Not thread-safe: call it from one thread (the training loop).
+    One thread at a time: a second thread calling in while one is inside raises RuntimeError.
     """
 
     def __init__(
@@ -69,6 +120,7 @@ class Recorder:
         path: str | os.PathLike[str],
         split: str = "train",
         *,
+        epoch: int | None = None,
         metrics: Iterable[str] | None = None,
         chunk_mb: float = 8.0,
         chunk_rows: int | None = None,
@@ -77,16 +129,20 @@ class Recorder:
         nonfinite: NonFinite = "raise",
         keep_epochs: int | None = 1,
         mode: Mode = "create",
+        fsync: bool = False,
+        lock_timeout: float = 0.0,
         scheduler: Any = None,
         split_every: int = SPLIT_EVERY,
         progress: bool = False,
     ) -> None:
-        if not isinstance(split, str) or not split or "/" in split or split.startswith("epoch="):
-            raise ValueError(f"split={split!r} is not a valid name; use e.g. 'train', 'val' or 'test'.")
+        self._closed = True  # until the lock is held: close()/__del__ then have nothing to undo
+        check_split_name(split)
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r}; expected 'raise' or 'skip'.")
         if mode not in ("create", "overwrite", "resume"):
             raise ValueError(f"mode={mode!r}; expected 'create', 'overwrite' or 'resume'.")
+        if epoch is not None:
+            _check_epoch_number(epoch)
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"chunk_rows={chunk_rows!r}; expected a positive int, or None to use chunk_mb.")
         if not chunk_mb > 0:
@@ -97,11 +153,14 @@ class Recorder:
             raise ValueError(f"keep_epochs={keep_epochs!r}; expected an int >= 0, or None to keep all.")
         if not isinstance(split_every, int) or split_every < 2:
             raise ValueError(f"split_every={split_every!r}; expected an int >= 2.")
+        if not lock_timeout >= 0:
+            raise ValueError(f"lock_timeout={lock_timeout!r}; expected seconds >= 0.")
         self.metrics = resolve_metrics(metrics)
         self.path = Path(path)
         self.split = split
         self.nonfinite: NonFinite = nonfinite
         self.keep_epochs = keep_epochs
+        self.fsync = bool(fsync)
         self.scheduler = scheduler
         self.split_every = split_every
         self.progress = progress
@@ -110,60 +169,85 @@ class Recorder:
         self._queue_chunks = queue_chunks
         self._compressors = compressors
         self._run_id = uuid.uuid4().hex[:12]
-        self._closed = False
+        self._busy = threading.Lock()
         self._spare: list[tuple[np.ndarray, np.ndarray]] = []
         self._spare_layout: tuple[Any, ...] | None = None
+        self._last_finished: int | None = None
 
         self._root = open_root(self.path, create=True)
-        group = split_group(self._root, split, create=False)
-        existing = list_epochs(group)
-        if existing and mode == "create":
-            last = epoch_info(group, existing[-1])
-            raise StoreError(
-                f"{self.path / split} already holds epoch(s) {existing} (last: {last.rows} rows, "
-                f"written by run {last.run_id} at {last.updated}). Pass mode='overwrite' to delete "
-                f"them, mode='resume' to continue at epoch {existing[-1] + 1}, or use another path."
-            )
-        if mode == "overwrite" and group is not None:
-            delete_split(self._root, split)
-            self._root = open_root(self.path, create=True)
-            existing = []
-        self._group = split_group(self._root, split, create=True)
-        self.epoch = existing[-1] + 1 if existing else 0
+        self._lock = SplitLock(self._root, meta_dir(self._root), split, self._run_id)
+        self._lock.acquire(lock_timeout)
+        try:
+            self._split_dir = ensure_split(self._root, split)
+            recover_split(self._root, split)
+            stored, _ = scan_split(self._split_dir)
+            if stored and mode == "create":
+                last = stored[max(stored)]
+                raise StoreError(
+                    f"{self._split_dir} already holds epoch(s) {list(stored)} (last: {last.rows} rows, "
+                    f"{'complete' if last.complete else 'incomplete'}, written by run {last.run_id} at "
+                    f"{last.updated}). Pass mode='overwrite' to delete them, mode='resume' to continue, "
+                    f"or use another path."
+                )
+            if mode == "overwrite":
+                remove_epochs(self._root, split, list(stored))
+                stored = {}
+            self._replace_from: int | None = None
+            if mode == "resume":
+                if epoch is None and stored:
+                    last = stored[max(stored)]
+                    epoch = last.epoch + 1 if last.complete else last.epoch  # replace a crashed epoch
+                self._replace_from = epoch if epoch is not None else 0
+        except BaseException:
+            self._lock.release()
+            raise
+        self._closed = False
+        self.epoch: int = 0 if epoch is None else epoch
         self._new_epoch_state()
 
     # ------------------------------------------------------------------------------------ state
     def _new_epoch_state(self) -> None:
-        self._store: EpochStore | None = None
         self._writer: ChunkWriter | None = None
         self._trailing: tuple[int, ...] | None = None
         self._dtypes: tuple[np.dtype, np.dtype] | None = None
         self._chunk_rows = 0
-        self._buf: tuple[np.ndarray, np.ndarray] | None = None
-        self._fill = 0
-        self._chunk_index = 0
-        self.rows = 0
-        self.batches = 0
-        self._cached: EpochMetrics | None = None
+        self._pos = _Pos()
+        self._sealed_rows = 0  # rows covered by the last flush of a partial chunk
+        self._cached: tuple[int, EpochMetrics] | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows recorded in the current epoch (durable or still held in memory)."""
+        return self._pos.rows
+
+    @property
+    def batches(self) -> int:
+        """Batches recorded in the current epoch."""
+        return self._pos.batches
+
+    @property
+    def durable_rows(self) -> int:
+        """Rows of the current epoch written to disk (they survive a crash of this process)."""
+        return self._writer.durable_rows if self._writer is not None else 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _start_epoch(self, t: np.ndarray, p: np.ndarray) -> None:
         trailing = tuple(t.shape[1:])
         dtypes = (store_dtype(t.dtype), store_dtype(p.dtype))
         row_bytes = max(1, int(np.prod(trailing, dtype=np.int64))) * max(d.itemsize for d in dtypes)
         chunk_rows = self._chunk_rows_opt or max(1, int(self._chunk_mb * _MB) // row_bytes)
-        shift = reference_shift(t[:1])
-        store = EpochStore.create(
-            self._group, self.epoch, trailing=trailing, dtypes=dtypes, chunk_rows=chunk_rows,
-            compressors=self._compressors, run_id=self._run_id,
-            extra_attrs={"split": self.split, "nonfinite": self.nonfinite,
-                         "dtypes": [str(d) for d in dtypes],
-                         "shift": shift.tolist()},
-        )
-
         layout = (chunk_rows, trailing, dtypes)
         if self._spare_layout != layout:
             self._spare = []  # buffers of the previous epoch fit only the same layout
         self._spare_layout = layout
+        spec = EpochSpec(
+            root=self._root, split=self.split, epoch=self.epoch, trailing=trailing, dtypes=dtypes,
+            compressors=self._compressors, run_id=self._run_id, fsync=self.fsync,
+            attrs={"split": self.split, "nonfinite": self.nonfinite, "dtypes": [str(d) for d in dtypes]},
+        )
 
         def make_buffers() -> tuple[np.ndarray, np.ndarray]:
             # Reuse the previous epoch's buffers: fresh chunk-sized allocations each epoch fragment
@@ -172,123 +256,250 @@ class Recorder:
                 return self._spare.pop()
             return (np.empty((chunk_rows, *trailing), dtypes[0]), np.empty((chunk_rows, *trailing), dtypes[1]))
 
-        self._store = store
-        self._shift = shift
-        self._writer = ChunkWriter(store, make_buffers, n_buffers=self._queue_chunks + 1)
-        self._trailing, self._dtypes, self._chunk_rows = trailing, dtypes, chunk_rows
+        def open_store(rows_per_chunk: int) -> EpochStore:  # runs on the writer thread
+            return self._create_epoch_on_disk(spec, rows_per_chunk)
 
-    def _check_open(self, what: str) -> None:
+        writer = ChunkWriter(open_store, chunk_rows, make_buffers, n_buffers=self._queue_chunks + 1)
+        self._trailing, self._dtypes, self._chunk_rows = trailing, dtypes, chunk_rows
+        self._writer = writer
+
+    def _create_epoch_on_disk(self, spec: EpochSpec, chunk_rows: int) -> EpochStore:
+        """Replace what resume asked to replace, create the epoch, then apply retention."""
+        stored, foreign = scan_split(self._split_dir)
+        name = epoch_name(spec.epoch)
+        if name in foreign:
+            raise StoreError(
+                f"{self._split_dir / name} is in the way: {foreign[name]} Epoch {spec.epoch} cannot be "
+                f"written there; move it away, or record this epoch under another number (reset(epoch=...))."
+            )
+        doomed = [e for e in stored if self._replace_from is not None and e >= self._replace_from]
+        if spec.epoch in stored and spec.epoch not in doomed:
+            raise StoreError(f"{self._split_dir / name} already exists; pass mode='resume' to replace it.")
+        remove_epochs(self._root, self.split, doomed)
+        self._replace_from = None
+        store = EpochStore.create(spec, chunk_rows)
+        if self.keep_epochs is not None:
+            self._retain([e for e in stored if e < spec.epoch and e not in doomed], self.keep_epochs)
+        return store
+
+    def _retain(self, finished: list[int], keep: int) -> None:
+        old = sorted(finished)[: max(0, len(finished) - keep)]
+        try:
+            remove_epochs(self._root, self.split, old)
+        except OSError as exc:  # retention is housekeeping: never lose the run over it
+            warnings.warn(f"oocmetrics: could not delete old epochs {old} of {self._split_dir}: {exc}", stacklevel=3)
+
+    # --------------------------------------------------------------------------- entry guards
+    def _enter(self, what: str) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"Recorder.{what}() was called while another thread is inside this Recorder "
+                f"({self.path}, split {self.split!r}). A Recorder is used from one thread at a time: "
+                f"give each thread its own split, or serialise the calls."
+            )
         if self._closed:
+            self._busy.release()
             raise RuntimeError(
                 f"{what}() on a closed Recorder ({self.path}, split {self.split!r}). Create a new "
                 f"Recorder(..., mode='resume') to record more epochs."
             )
 
+    def _raise_writer_error(self) -> None:
+        writer = self._writer
+        if writer is None or writer.error is None:
+            return
+        err, job = writer.error, writer.failed_job
+        durable = writer.durable_rows
+        held = self._pos.rows - durable
+        if job is not None and job.kind == "chunk":
+            lo = job.index * self._chunk_rows
+            where = f"chunk {job.index} (rows {lo}-{lo + job.n - 1}) of epoch {self.epoch}"
+        elif job is not None:
+            where = f"the 'complete' mark of epoch {self.epoch}"
+        else:
+            where = f"epoch {self.epoch}"
+        if isinstance(err, StoreError):
+            raise StoreError(f"Writing {where} failed: {err} {held} rows are held in memory.") from err
+        raise WriterError(
+            f"Writing {where} to {self._split_dir} failed: {describe_oserror(err)}. {durable} rows of "
+            f"this epoch are durable on disk; {held} rows are held in memory, unwritten. Free space (or "
+            f"fix the cause) and call retry() on the recorder to write them; the durable rows stay "
+            f"readable with `python -m oocmetrics compute {self.path} --split {self.split}`."
+        ) from err
+
     # ----------------------------------------------------------------------------------- public
     def update(self, y_true: Any, y_pred: Any) -> None:
-        """Record one batch: arrays or tensors of shape (batch, *trailing), y_true first."""
-        self._check_open("update")
-        if self._writer is not None:
-            self._writer.raise_error()
+        """Record one batch: arrays or tensors of shape (batch, *trailing), y_true first.
+
+        The batch is recorded whole or not at all, whatever interrupts the call (Ctrl-C included).
+        """
+        self._enter("update")
+        try:
+            self._raise_writer_error()
+            self._update(y_true, y_pred)
+        finally:
+            self._busy.release()
+
+    def _update(self, y_true: Any, y_pred: Any) -> None:
+        pos = self._pos
         t, p = check_batch(
-            y_true, y_pred, trailing=self._trailing, batch_index=self.batches, row_offset=self.rows,
+            y_true, y_pred, trailing=self._trailing, batch_index=pos.batches, row_offset=pos.rows,
             nonfinite=self.nonfinite,
         )
-        if self._store is None:
+        if self._writer is None:
             self._start_epoch(t, p)
         else:
             for name, arr, dt in zip(("y_true", "y_pred"), (t, p), self._dtypes):  # type: ignore[arg-type]
                 if not np.can_cast(arr.dtype, dt, "safe"):
                     raise TypeError(
-                        f"{name} in batch {self.batches} has dtype {arr.dtype}, but this epoch stores "
+                        f"{name} in batch {pos.batches} has dtype {arr.dtype}, but this epoch stores "
                         f"{dt} (set by batch 0); casting would lose precision. Pass {dt} batches, or "
                         f"call reset() and start the epoch with {arr.dtype} batches."
                     )
-        n = t.shape[0]
-        pos = 0
         writer = self._writer
         assert writer is not None
-        while pos < n:
-            if self._buf is None:
-                self._buf = writer.acquire()
-                self._fill = 0
-            bt, bp = self._buf
-            k = min(n - pos, self._chunk_rows - self._fill)
-            np.copyto(bt[self._fill:self._fill + k], t[pos:pos + k], casting="safe")
-            np.copyto(bp[self._fill:self._fill + k], p[pos:pos + k], casting="safe")
-            self._fill += k
-            pos += k
-            if self._fill == self._chunk_rows:
-                writer.submit(self._chunk_index, bt, bp, self._fill, batches=self.batches + (pos == n))
-                self._chunk_index += 1
-                self._buf = None
-                self._fill = 0
-        self.rows += n
-        self.batches += 1
-        self._cached = None
+        n, C = t.shape[0], self._chunk_rows
+        buf, fill, index = pos.buf, pos.fill, pos.chunk_index
+        taken: list[tuple[np.ndarray, np.ndarray]] = []
+        jobs: list[Job] = []
+        committed = False
+        try:
+            # Phase 1: copy. Only rows past the current fill and fresh buffers are touched, so an
+            # interrupt here leaves the recorded state as it was (fresh buffers go back to the pool).
+            done = 0
+            while done < n:
+                if buf is None:
+                    buf = writer.acquire(held=len(taken) + (pos.buf is not None))
+                    taken.append(buf)
+                    fill = 0
+                k = min(n - done, C - fill)
+                np.copyto(buf[0][fill:fill + k], t[done:done + k], casting="safe")
+                np.copyto(buf[1][fill:fill + k], p[done:done + k], casting="safe")
+                fill += k
+                done += k
+                if fill == C:
+                    jobs.append(Job("chunk", index, buf[0], buf[1], C, batches=pos.batches + (done == n)))
+                    index += 1
+                    buf, fill = None, 0
+            new = _Pos(pos.rows + n, pos.batches + 1, fill, index, buf)
+            # Phase 2: commit, with Ctrl-C held back so that queuing and counting happen together.
+            if jobs:
+                with _DeferInterrupt():
+                    writer.submit(jobs)
+                    self._pos = new
+                    committed = True
+            else:
+                self._pos = new  # one assignment: atomic for an interrupt
+                committed = True
+        finally:
+            if not committed:
+                for b in taken:
+                    writer.release(b)
 
     def compute(self) -> EpochMetrics:
-        """Exact metrics over every row recorded in the current epoch (flushes to disk first)."""
-        self._check_open("compute")
-        if self.rows == 0:
-            raise ValueError(
-                f"No rows recorded in epoch {self.epoch} of split {self.split!r} ({self.path}): call "
-                f"update(y_true, y_pred) at least once before compute()."
-            )
-        if self._cached is not None:
-            return self._cached
-        self._flush()
-        store = self._store
-        assert store is not None
-        result = compute_store_arrays(
-            store.arrays["y_true"], store.arrays["y_pred"], self.rows, self._shift, metrics=self.metrics,
-            split_every=self.split_every, scheduler=self.scheduler, progress=self.progress,
-            epoch=self.epoch, split=self.split,
-        )
-        result.extra["batches"] = self.batches
-        self._cached = result
-        return result
+        """Exact metrics over every row recorded in the current epoch (flushes to disk first).
 
-    def reset(self) -> None:
-        """Finish the current epoch on disk and start the next; old epochs beyond keep_epochs go."""
-        self._check_open("reset")
-        self._finish_epoch()
-        self.epoch += 1
-        self._new_epoch_state()
+        Returns a new object each call: changing it does not change later results.
+        """
+        self._enter("compute")
+        try:
+            if self._pos.rows == 0:
+                raise ValueError(
+                    f"No rows recorded in epoch {self.epoch} of split {self.split!r} ({self.path}): call "
+                    f"update(y_true, y_pred) at least once before compute(). Stored epochs: "
+                    f"oocmetrics.compute_stored({str(self.path)!r}, {self.split!r}, epoch=...)."
+                )
+            if self._cached is not None and self._cached[0] == self._pos.rows:
+                return copy.deepcopy(self._cached[1])
+            self._flush()
+            writer = self._writer
+            assert writer is not None and writer.store is not None
+            store = writer.store
+            store.check_present()
+            result = compute_store_arrays(
+                store.arrays["y_true"], store.arrays["y_pred"], self._pos.rows, metrics=self.metrics,
+                split_every=self.split_every, scheduler=self.scheduler, progress=self.progress,
+                epoch=self.epoch, split=self.split,
+            )
+            result.extra["batches"] = self._pos.batches
+            self._cached = (self._pos.rows, result)
+            return copy.deepcopy(result)
+        finally:
+            self._busy.release()
+
+    def reset(self, epoch: int | None = None) -> None:
+        """Finish the current epoch (if it has rows) and start the next: ``epoch``, or the current + 1.
+
+        A reset with nothing recorded is harmless: it does not advance the epoch number (so calling
+        reset() at the start of every epoch, as with torchmetrics, numbers epochs right).
+        """
+        self._enter("reset")
+        try:
+            if epoch is not None:
+                _check_epoch_number(epoch)
+                floor = self._last_finished if self._pos.rows == 0 else self.epoch
+                if floor is not None and epoch <= floor:
+                    raise ValueError(
+                        f"reset(epoch={epoch}): epoch numbers must increase; this recorder has already "
+                        f"recorded epoch {floor}. To record an epoch again, open a new "
+                        f"Recorder(..., mode='resume', epoch={epoch})."
+                    )
+            if self._pos.rows > 0:
+                self._finish()
+                self.epoch = self.epoch + 1 if epoch is None else epoch
+                self._new_epoch_state()
+            else:
+                if self._writer is not None:  # an epoch started by an update that was interrupted
+                    self._writer.close()
+                    self._new_epoch_state()
+                if epoch is not None:
+                    self.epoch = epoch
+        finally:
+            self._busy.release()
 
     def flush(self) -> None:
         """Make every recorded row durable now (normally done by compute/reset/close)."""
-        self._check_open("flush")
-        self._flush()
+        self._enter("flush")
+        try:
+            self._flush()
+        finally:
+            self._busy.release()
 
     def retry(self) -> None:
-        """After a write failure (e.g. a full disk) has been fixed, write the held chunks again."""
-        self._check_open("retry")
-        if self._writer is not None:
-            self._writer.retry()
-            self._writer.wait()
+        """After a write failure (e.g. a full disk) has been fixed, write the held rows again."""
+        self._enter("retry")
+        try:
+            if self._writer is not None:
+                self._writer.retry()
+                self._writer.wait()
+                self._raise_writer_error()
+        finally:
+            self._busy.release()
 
     def close(self) -> None:
-        """Flush, mark the epoch complete and stop the writer. Idempotent."""
+        """Flush, mark the epoch complete, stop the writer and release the split. Idempotent.
+
+        If writing fails (WriterError) the recorder stays open with the rows held: fix the cause,
+        call retry(), then close() again.
+        """
         if self._closed:
             return
+        self._enter("close")
         try:
-            self._finish_epoch(closing=True)
-        finally:
-            if self._writer is not None:  # a failed writer: stop its thread, keep the durable rows
+            if self._pos.rows > 0:
+                self._finish(closing=True)
+            elif self._writer is not None:
                 self._writer.close()
-                self._writer = None
+            self._writer = None
             self._spare = []
-            self._buf = None
+            self._lock.release()
             self._closed = True
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+        finally:
+            self._busy.release()
 
     def stored_epochs(self) -> list[int]:
-        """Epoch indices of this split on disk."""
-        return list_epochs(self._group)
+        """Epoch numbers of this split on disk."""
+        return list(scan_split(self._split_dir)[0])
 
     def __enter__(self) -> "Recorder":
         return self
@@ -297,10 +508,27 @@ class Recorder:
         if exc_type is None:
             self.close()
             return
-        try:  # keep what was recorded, but do not mask the exception already on its way
-            self.close()
-        except Exception as close_exc:
-            warnings.warn(f"Recorder.close() failed while handling {exc_type.__name__}: {close_exc}", stacklevel=2)
+        self._abandon(exc_type)
+
+    def _abandon(self, exc_type: Any) -> None:
+        """Leaving on an exception: make the rows durable, but do not mark the epoch complete."""
+        if self._closed:
+            return
+        try:
+            if self._pos.rows > 0:
+                self._flush()
+        except BaseException as flush_exc:  # do not mask the exception already on its way
+            warnings.warn(
+                f"oocmetrics: flushing {self.path} split {self.split!r} failed while handling "
+                f"{exc_type.__name__}: {flush_exc}; rows written before it are durable.", stacklevel=3,
+            )
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._spare = []
+            self._lock.release()
+            self._closed = True
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"epoch {self.epoch}, {self.rows} rows, {self.batches} batches"
@@ -308,36 +536,37 @@ class Recorder:
 
     # --------------------------------------------------------------------------------- internal
     def _flush(self) -> None:
-        """Write the partial chunk (keeping its buffer for more rows) and cut arrays to the row count."""
-        writer, store = self._writer, self._store
-        if writer is None or store is None:
+        """Write the partial chunk (its buffer stays for more rows) and wait until all is durable."""
+        writer = self._writer
+        if writer is None:
             return
-        writer.raise_error()
-        if self._fill > 0:
-            bt, bp = self._buf  # type: ignore[misc]
-            writer.submit(self._chunk_index, bt, bp, self._fill, batches=self.batches, seal=True, recycle=False)
-            writer.wait()
-        else:
-            writer.wait()
-            store.seal_empty(self.batches)
+        self._raise_writer_error()
+        pos = self._pos
+        if pos.fill > 0 and pos.buf is not None and self._sealed_rows != pos.rows:
+            writer.submit([Job("chunk", pos.chunk_index, pos.buf[0], pos.buf[1], pos.fill,
+                               batches=pos.batches, seal=True, recycle=False)])
+            self._sealed_rows = pos.rows
+        writer.wait()
+        self._raise_writer_error()
 
-    def _finish_epoch(self, *, closing: bool = False) -> None:
-        writer, store = self._writer, self._store
-        if writer is None or store is None:
-            return
+    def _finish(self, *, closing: bool = False) -> None:
+        """Flush, mark complete, stop the writer, apply retention. On failure nothing changes."""
+        writer = self._writer
+        assert writer is not None
         self._flush()
+        writer.submit([Job("complete", batches=self._pos.batches)])
+        writer.wait()
+        self._raise_writer_error()
         writer.close()
-        store.mark_complete()
         self._writer = None
-        self._spare = writer.drain_free() + ([self._buf] if self._buf is not None else [])
-        self._buf = None
-        self._apply_retention(closing=closing)
+        pos = self._pos
+        self._spare = writer.drain_free() + ([pos.buf] if pos.buf is not None else [])
+        self._last_finished = self.epoch
+        if self.keep_epochs is not None:
+            stored = [e for e in scan_split(self._split_dir)[0] if e <= self.epoch]
+            self._retain(stored, max(self.keep_epochs, 1))
 
-    def _apply_retention(self, *, closing: bool) -> None:
-        """After reset: keep ``keep_epochs`` finished epochs. At close the last epoch always stays."""
-        if self.keep_epochs is None:
-            return
-        keep = max(self.keep_epochs, 1) if closing else self.keep_epochs
-        done = [e for e in list_epochs(self._group) if e <= self.epoch]
-        for old in done[: max(0, len(done) - keep)]:
-            delete_epoch(self._group, old)
+
+def _check_epoch_number(epoch: Any) -> None:
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        raise ValueError(f"epoch={epoch!r}; expected an int >= 0.")

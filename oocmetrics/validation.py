@@ -28,6 +28,11 @@ def _torch_to_numpy(x: Any, name: str) -> np.ndarray:
             f"{name} has dtype {x.dtype}; expected a floating dtype (float16, bfloat16, float32, "
             f"float64). Cast it first, e.g. {name}.float()."
         )
+    if x.device.type == "meta":
+        raise TypeError(
+            f"{name} is a tensor on the 'meta' device: it has a shape but no values to record. "
+            f"Pass the real outputs (e.g. run the model on a CPU or CUDA device)."
+        )
     x = x.detach()
     if x.dtype in (torch.float16, torch.bfloat16):
         # NumPy has no bfloat16: widen on the device, which is exact, then copy to host once.
@@ -53,6 +58,8 @@ def as_float_array(x: Any, name: str) -> np.ndarray:
                 f"{name} is a {type(x).__name__}; expected a NumPy array or torch tensor."
             )
         x = np.asarray(x)
+    if x.dtype.kind == "f" and not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))  # big-endian data (e.g. read from a file): convert once
     if x.dtype not in _FLOATS:
         raise TypeError(
             f"{name} has dtype {x.dtype}; expected a floating dtype (float16, float32, float64). "

@@ -35,7 +35,7 @@ def test_inspect_and_compute(tmp_path, capsys):
         rec.update(t[13:], p[13:])
     assert main(["inspect", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "val/epoch=0: 30 rows x (10, 3) float32, 2 batches" in out and "complete" in out
+    assert "val/epoch=0: 30 rows x (10, 3) float32, 0.0 MiB, 2 batches" in out and "complete" in out
     assert main(["compute", str(tmp_path / "run"), "--split", "val", "--json", str(tmp_path / "m.json")]) == 0
     data = json.loads((tmp_path / "m.json").read_text())
     assert_matches(compute_stored(tmp_path / "run", "val"), t, p)

@@ -64,7 +64,7 @@ def test_torch_inputs_any_float_dtype_and_requires_grad(tmp_path, rng):
         with oocmetrics.Recorder(tmp_path / str(dt), "val") as rec:
             rec.update(t16, p16)
             res = rec.compute()
-            assert rec._store.arrays["y_true"].dtype == np.float32
+        assert zarr.open_array(str(tmp_path / str(dt) / "val" / "epoch=0" / "y_true"), mode="r").dtype == np.float32
         assert_matches(res, t16.float().numpy(), p16.float().numpy())
 
 
@@ -75,8 +75,12 @@ def test_compute_mid_epoch_then_continue(tmp_path, rng):
             rec.update(t, p)
             if i in (2, 5):
                 first = rec.compute()
-                assert rec.compute() is first  # cached until the next update
+                again = rec.compute()  # cached until the next update, but a fresh copy each call
+                assert again is not first and again.overall == first.overall
                 assert_matches(first, *_cat(batches[: i + 1]))
+                first.overall["mse"] = -1.0
+                first.per_output["mse"][:] = -1.0
+                assert rec.compute()["mse"] >= 0 and (rec.compute().per_output["mse"] >= 0).all()
         assert_matches(rec.compute(), *_cat(batches))
 
 
@@ -120,7 +124,7 @@ def test_modes_create_overwrite_resume(tmp_path, rng):
         rec.update(t + 1, p)
         res = rec.compute()
     assert_matches(res, t + 1, p)
-    assert sorted(zarr.open_group(str(path), mode="r").group_keys()) == ["test", "val"]
+    assert sorted(zarr.open_group(str(path), mode="r").group_keys()) == [".oocmetrics", "test", "val"]
 
 
 def test_foreign_paths_are_refused(tmp_path):
@@ -217,7 +221,7 @@ def test_full_disk_surfaces_then_retry_loses_nothing(tmp_path, rng, monkeypatch)
     rec.update(*batches[0])
     rec.flush()
     state["fail"] = True
-    with pytest.raises(oocmetrics.WriterError, match=r"the disk is full\. \d+ rows are durable.*retry\(\)"):
+    with pytest.raises(oocmetrics.WriterError, match=r"the disk is full.*\d+ rows of this epoch are durable.*\d+ rows are held.*retry\(\)"):
         for t, p in batches[1:]:
             rec.update(t, p)
         rec.compute()
@@ -242,7 +246,7 @@ def test_close_in_context_manager_keeps_rows_when_the_loop_fails(tmp_path, rng):
                 rec.update(t, p)
             raise KeyError("training crashed")
     g = zarr.open_group(str(tmp_path / "r" / "val" / "epoch=0"), mode="r")
-    assert g.attrs["rows"] == 15 and g.attrs["complete"] is True
+    assert g.attrs["rows"] == 15 and g.attrs["complete"] is False  # durable, but not a finished epoch
 
 
 def test_result_serializes_to_json(tmp_path, rng):
@@ -288,6 +292,7 @@ def test_keep_epochs_zero_holds_one_epoch_and_close_keeps_the_last(tmp_path, rng
     with oocmetrics.Recorder(tmp_path / "r", keep_epochs=0, chunk_rows=4) as rec:
         for epoch in range(3):
             rec.update(*_batches(rng, 2)[0])
+            rec.flush()
             assert rec.stored_epochs() == [epoch]  # only the epoch being written
             rec.reset()
         rec.update(*_batches(rng, 1)[0])
@@ -303,11 +308,11 @@ def test_buffers_are_reused_across_epochs_of_the_same_layout(tmp_path, rng):
         assert len(before) == 4  # (queue_chunks + 1) pairs
         for t, p in _batches(rng, 3):
             rec.update(t, p)
-        in_use = {id(rec._buf[0]), id(rec._buf[1])}
+        in_use = {id(rec._pos.buf[0]), id(rec._pos.buf[1])}
         assert in_use <= before
         rec.reset()
         rec.update(*_batches(rng, 1, shape=(5, 6, 2))[0])  # another layout: fresh buffers
-        assert rec._spare == [] and rec._buf[0].shape == (4, 6, 2)
+        assert rec._spare == [] and rec._pos.buf[0].shape == (4, 6, 2)
 
 
 def test_to_dict_is_strict_json(tmp_path):

@@ -413,3 +413,29 @@ def test_rss_sampler_sees_an_allocation() -> None:
         rss.reset()
         assert rss.peak_mb < base + 60  # reset forgets the earlier phase (the block is freed)
     assert lifetime_max_rss_mb() >= base
+
+
+def test_resume_after_a_crash_mid_epoch_stores_the_trainers_epoch_numbers(tmp_path: Path, cache: Path) -> None:
+    """A run killed during epoch 2 left an incomplete epoch=2; --resume re-trains epoch 2 and stores
+    it as epoch=2 (replacing the crashed one), not as epoch=3."""
+    import oocmetrics
+
+    out = tmp_path / "run"
+    assert main(smoke_args(out, cache, "--epochs", "2")) == 0
+    store = out / "metrics"
+    crash = (f"import os, numpy as np, oocmetrics\n"
+             f"r = oocmetrics.Recorder({str(store)!r}, 'train', mode='resume', epoch=2, chunk_rows=4)\n"
+             f"r.update(np.ones((10, 4), np.float32), np.zeros((10, 4), np.float32))\n"
+             f"r.flush()\n"
+             f"os._exit(0)  # the process dies: epoch 2 stays incomplete, with 10 durable rows\n")
+    subprocess.run([sys.executable, "-c", crash], check=True, cwd=REPO)
+    crashed = oocmetrics.compute_stored(store, "train", 2)
+    assert crashed.n_rows == 10 and crashed.extra["complete"] is False
+
+    assert main(smoke_args(out, cache, "--epochs", "3", "--resume")) == 0
+    rows = {(r["epoch"], r["split"]): r for r in read_history(out)}
+    for split in ("train", "val"):
+        res = oocmetrics.compute_stored(store, split)
+        assert res.epoch == 2 and res.extra["complete"] is True
+        assert res.n_rows == rows[2, split]["n_rows"]
+        assert res["mse"] == pytest.approx(rows[2, split]["mse"], rel=1e-12)

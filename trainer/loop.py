@@ -59,11 +59,10 @@ def log_line(epoch: int, batch: int, n_batches: int, loss: float) -> str:
     return f"Epoch: {epoch}, Batch: {batch}/{n_batches}, Loss: {loss:.6f}"
 
 
-def _begin(rec: oocmetrics.Recorder, rss: RssSampler | None) -> None:
-    # The previous epoch stays open after compute() so nothing empty is left on disk at the end
-    # of a run; start the next one only when there is something to move past.
-    if rec.rows:
-        rec.reset()
+def _begin(rec: oocmetrics.Recorder, epoch: int, rss: RssSampler | None) -> None:
+    # The previous epoch stays open after compute(); reset(epoch=...) finishes it (if it has rows)
+    # and names the next one after the trainer's own epoch, so a resumed run stores epoch k as k.
+    rec.reset(epoch=epoch)
     if rss is not None:
         rss.reset()  # this epoch's peak starts now
 
@@ -92,7 +91,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 grad_clip: float = 0.0, log_every: int = 0, progress: bool = False,
                 rss: RssSampler | None = None, log: Callable[[str], None] = print) -> EpochResult:
     """Train one epoch, recording every batch's predictions; metrics via ``rec.compute()``."""
-    _begin(rec, rss)
+    _begin(rec, epoch, rss)
     model.train()
     t0 = time.perf_counter()
     n_batches, loss_sum, rows = len(loader), 0.0, 0
@@ -125,7 +124,7 @@ def validate_epoch(model: nn.Module, loader: Iterable, rec: oocmetrics.Recorder,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
                    progress: bool = False, rss: RssSampler | None = None) -> EpochResult:
     """Predict every batch of ``loader`` without gradients; exact metrics via ``rec.compute()``."""
-    _begin(rec, rss)
+    _begin(rec, epoch, rss)
     model.eval()
     t0 = time.perf_counter()
     n_batches, loss_sum, rows = len(loader), 0.0, 0

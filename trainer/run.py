@@ -158,8 +158,10 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
     progress = tc.progress and sys.stderr.isatty()
     mode = "resume" if ckpt is not None else "overwrite"
     store = str(out / "metrics")
+    # Resuming at epoch `start` replaces what a crashed run stored for epochs >= start (when the
+    # new epoch writes its first chunk), so stored epoch numbers always match the trainer's.
     rec_kw = dict(chunk_mb=cfg.metrics.chunk_mb, queue_chunks=cfg.metrics.queue_chunks,
-                  keep_epochs=cfg.metrics.keep_epochs, mode=mode,
+                  keep_epochs=cfg.metrics.keep_epochs, mode=mode, epoch=start,
                   metrics=oocmetrics.ALL_METRICS if cfg.metrics.order_metrics else None)
     last = start - 1
     details: dict[str, Any] = {}

@@ -1,0 +1,54 @@
+"""Reading stored epochs after the fact: metrics over durable rows, with no lock (readers never block writers)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from oocmetrics.compute import compute_store_arrays
+from oocmetrics.errors import StoreError
+from oocmetrics.metrics import EpochMetrics, resolve_metrics
+from oocmetrics.store import META, check_split_name, open_epoch_arrays, open_root, read_json, scan_split
+
+__all__ = ["compute_stored", "split_dir", "splits"]
+
+
+def split_dir(path: str | Path, split: str) -> Path:
+    """The directory of ``split`` in the store at ``path`` (StoreError naming what is missing)."""
+    root = open_root(path, create=False)
+    check_split_name(split)
+    d = root / split
+    if not (d / "zarr.json").exists():
+        raise StoreError(f"No split {split!r} in {path}; stored splits: {splits(root)}.")
+    read_json(d / "zarr.json")
+    return d
+
+
+def splits(root: Path) -> list[str]:
+    """Names of the splits in a store root."""
+    return sorted(e.name for e in root.iterdir()
+                  if e.is_dir() and e.name != META and (e / "zarr.json").exists())
+
+
+def compute_stored(
+    path: str | Path, split: str, epoch: int | None = None, *, metrics: Sequence[str] | None = None,
+    progress: bool = False, scheduler: object = None,
+) -> EpochMetrics:
+    """Exact metrics over the durable rows of a stored epoch (default: the last) of ``split``.
+
+    Takes no lock: it works while a recorder writes the split, and on the store of a crashed run.
+    """
+    metrics = resolve_metrics(metrics)
+    d = split_dir(path, split)
+    stored, _ = scan_split(d)
+    if not stored:
+        raise StoreError(f"Split {split!r} in {path} holds no epochs.")
+    epoch = max(stored) if epoch is None else epoch
+    y_true, y_pred, info = open_epoch_arrays(d, epoch)
+    if info.rows == 0:
+        raise StoreError(f"Epoch {epoch} of split {split!r} in {path} has no durable rows.")
+    result = compute_store_arrays(
+        y_true, y_pred, info.rows, metrics=metrics, progress=progress, scheduler=scheduler, epoch=epoch,
+        split=split,
+    )
+    result.extra.update({"batches": info.batches, "complete": info.complete})
+    return result
