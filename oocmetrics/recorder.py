@@ -416,11 +416,16 @@ class Recorder:
             assert writer is not None and writer.store is not None
             store = writer.store
             store.check_present()
-            result = compute_store_arrays(
-                store.arrays["y_true"], store.arrays["y_pred"], self._pos.rows, metrics=self.metrics,
-                split_every=self.split_every, scheduler=self.scheduler, progress=self.progress,
-                epoch=self.epoch, split=self.split,
-            )
+            idle = writer.drain_free()  # the idle chunk buffers serve the reads: no new chunk memory
+            try:
+                result = compute_store_arrays(
+                    store.arrays["y_true"], store.arrays["y_pred"], self._pos.rows, buffers=idle,
+                    metrics=self.metrics, split_every=self.split_every, scheduler=self.scheduler,
+                    progress=self.progress, epoch=self.epoch, split=self.split,
+                )
+            finally:
+                for pair in idle:
+                    writer.release(pair)
             result.extra["batches"] = self._pos.batches
             self._cached = (self._pos.rows, result)
             return copy.deepcopy(result)
