@@ -39,10 +39,14 @@ def compute_stored(
     """
     metrics = resolve_metrics(metrics)
     d = split_dir(path, split)
-    stored, _ = scan_split(d)
-    if not stored:
+    stored, bad = scan_split(d)
+    damaged = {int(name.split("=", 1)[1]): why for name, why in bad.items()}
+    if not stored and not damaged:
         raise StoreError(f"Split {split!r} in {path} holds no epochs.")
-    epoch = max(stored) if epoch is None else epoch
+    if epoch is None:  # the last epoch; a damaged last one is an error, never a silent older result
+        epoch = max([*stored, *damaged])
+    if epoch in damaged:
+        raise StoreError(f"Epoch {epoch} of split {split!r} in {path} cannot be read: {damaged[epoch]}")
     y_true, y_pred, info = open_epoch_arrays(d, epoch)
     if info.rows == 0:
         raise StoreError(f"Epoch {epoch} of split {split!r} in {path} has no durable rows.")
