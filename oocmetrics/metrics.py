@@ -17,8 +17,11 @@ over the data (radix select, usually 3), so they are computed only when asked fo
 """
 from __future__ import annotations
 
+import copy as _copy
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -62,16 +65,16 @@ def _explained_variance(P: np.ndarray) -> np.ndarray:
 
 
 def _pearson_r(P: np.ndarray) -> np.ndarray:
-    den = np.sqrt(P[M2_T]) * np.sqrt(P[M2_P])
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        den = np.sqrt(P[M2_T]) * np.sqrt(P[M2_P])
         r = P[C_TP] / den
     r = np.where(den > 0.0, np.clip(r, -1.0, 1.0), np.nan)
     return r
 
 
 def _nrmse(P: np.ndarray) -> np.ndarray:
-    rng = P[MAX_T] - P[MIN_T]
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # range of +-1.7e308 is inf
+        rng = P[MAX_T] - P[MIN_T]
         out = _rmse(P) / rng
     return np.where(rng > 0.0, out, np.nan)
 
@@ -92,7 +95,8 @@ def _variance_weighted(values: np.ndarray, P: np.ndarray) -> float:
     weights = P[M2_T]
     if not np.any(weights != 0.0):  # all outputs constant: scikit-learn falls back to uniform
         return _mean(values, P)
-    return float(np.average(values, weights=weights))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf / NaN after an overflow
+        return float(np.average(values, weights=weights))
 
 
 def _median_absolute_error(P: np.ndarray, order_stats: dict[str, np.ndarray]) -> np.ndarray:
@@ -129,13 +133,17 @@ ALL_METRICS: tuple[str, ...] = METRICS + ORDER_METRICS
 
 
 def resolve_metrics(metrics: Iterable[str] | str | None) -> tuple[str, ...]:
-    """Validate a metric selection; None means the default suite :data:`METRICS`."""
+    """Validate a metric selection; None means the default suite :data:`METRICS`.
+
+    Accepts a name, or any iterable of names (a generator too: it is consumed here, once, so entry
+    points resolve once and pass the returned tuple on). Duplicates are dropped, order is kept.
+    """
     if metrics is None:
         return METRICS
     if isinstance(metrics, str):
         metrics = (metrics,)
     names = tuple(metrics)
-    unknown = [m for m in names if m not in _REGISTRY]
+    unknown = [m for m in names if not isinstance(m, str) or m not in _REGISTRY]
     if unknown:
         raise ValueError(
             f"Unknown metric(s) {unknown}; choose from {list(ALL_METRICS)} or pass metrics=None "
@@ -148,9 +156,44 @@ def resolve_metrics(metrics: Iterable[str] | str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-@dataclass
-class EpochMetrics:
-    """Exact metrics of one epoch: ``overall[name]`` floats and ``per_output[name]`` arrays (J,)."""
+def _json_float(v: float) -> float | str | None:
+    """A float for strict JSON: NaN -> None, +inf / -inf -> "inf" / "-inf", else the float."""
+    v = float(v)
+    if math.isnan(v):
+        return None
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    """Equality of result values: NaN equals NaN, arrays compare element-wise (shape included)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            return False
+        try:
+            return bool(np.array_equal(a, b, equal_nan=True))
+        except TypeError:  # non-numeric arrays
+            return bool(np.array_equal(a, b))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_values_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_values_equal(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+@dataclass(eq=False)
+class EpochMetrics(Mapping):
+    """Exact metrics of one epoch: ``overall[name]`` floats and ``per_output[name]`` arrays (J,).
+
+    A read-only :class:`~collections.abc.Mapping` over the overall values: ``result["mse"]``,
+    ``list(result)`` (the metric names, in the order asked for), ``len(result)``, ``dict(result)``
+    and ``result.items()`` all work. ``a == b`` between two results compares every attribute (NaN
+    equals NaN, per-output arrays element-wise); against any other mapping, the overall values.
+    """
 
     overall: dict[str, float]
     per_output: dict[str, np.ndarray]
@@ -167,26 +210,55 @@ class EpochMetrics:
         except KeyError:
             raise KeyError(f"{name!r} was not computed; available: {list(self.overall)}") from None
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.overall)
+
+    def __len__(self) -> int:
+        return len(self.overall)
+
     def __contains__(self, name: object) -> bool:
         return name in self.overall
 
-    def keys(self):
-        return self.overall.keys()
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EpochMetrics):
+            return all(
+                _values_equal(getattr(self, f), getattr(other, f))
+                for f in ("overall", "per_output", "n_rows", "n_values", "n_skipped", "epoch", "split", "extra")
+            )
+        if isinstance(other, Mapping):
+            return _values_equal(dict(self.overall), dict(other.items()))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def copy(self) -> "EpochMetrics":
+        """A deep copy: new dicts, copied per-output arrays and a deep-copied ``extra``."""
+        return EpochMetrics(
+            overall=dict(self.overall),
+            per_output={k: np.array(v, copy=True) for k, v in self.per_output.items()},
+            n_rows=self.n_rows,
+            n_values=self.n_values,
+            n_skipped=self.n_skipped,
+            epoch=self.epoch,
+            split=self.split,
+            extra=_copy.deepcopy(self.extra),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        """Strict-JSON-ready dict: undefined values (NaN) become None (null)."""
+        """Strict-JSON-ready dict (``json.dumps(..., allow_nan=False)`` succeeds).
 
-        def clean(v: float) -> float | None:
-            return None if v != v else float(v)
-
+        Undefined values (NaN) become None (null); infinite values (an overflow, e.g. e = y_true -
+        y_pred beyond float64's range) become the strings ``"inf"`` / ``"-inf"``; ``float(s)`` reads
+        them back.
+        """
         return {
             "epoch": self.epoch,
             "split": self.split,
             "n_rows": self.n_rows,
             "n_values": self.n_values,
             "n_skipped": self.n_skipped,
-            "overall": {k: clean(v) for k, v in self.overall.items()},
-            "per_output": {k: [clean(x) for x in v.tolist()] for k, v in self.per_output.items()},
+            "overall": {k: _json_float(v) for k, v in self.overall.items()},
+            "per_output": {k: [_json_float(x) for x in np.asarray(v).tolist()] for k, v in self.per_output.items()},
             **self.extra,
         }
 
@@ -205,7 +277,11 @@ def finalize(
     epoch: int | None = None,
     split: str | None = None,
 ) -> EpochMetrics:
-    """Metric values from fully merged partials (K, J) and any order statistics computed for them."""
+    """Metric values from fully merged partials (K, J) and any order statistics computed for them.
+
+    ``metrics`` is resolved once here (a generator is consumed once); callers that also need the
+    selection elsewhere should pass the tuple :func:`resolve_metrics` returned.
+    """
     names = resolve_metrics(metrics)
     overall: dict[str, float] = {}
     per_output: dict[str, np.ndarray] = {}

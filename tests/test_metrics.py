@@ -1,7 +1,10 @@
 """Every metric against scikit-learn / SciPy float64 references, through the chunked merge path."""
 from __future__ import annotations
 
+import copy
+import json
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -249,3 +252,85 @@ def test_order_statistics_with_no_finite_pair_and_one_value():
     assert math.isnan(res.per_output["median_absolute_error"][1])
     one = oocmetrics.compute_arrays(np.array([3.0]), np.array([1.0]), ["median_absolute_error"])
     assert one["median_absolute_error"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# EpochMetrics: a Mapping, safe equality, deep copy, strict JSON with inf; metric selections
+# ---------------------------------------------------------------------------------------------
+def test_epoch_metrics_is_a_mapping(rng):
+    t, p = _pair(rng, (20, 3))
+    res = oocmetrics.compute_arrays(t, p, metrics=["rmse", "mae", "r2"])
+    assert isinstance(res, Mapping)
+    assert list(res) == ["rmse", "mae", "r2"] and len(res) == 3
+    assert dict(res) == res.overall and list(res.items()) == list(res.overall.items())
+    assert list(res.keys()) == ["rmse", "mae", "r2"] and list(res.values()) == list(res.overall.values())
+    assert res["mae"] == res.overall["mae"] and res.get("mse") is None and "r2" in res and "mse" not in res
+    assert {**res} == res.overall
+    with pytest.raises(KeyError, match="was not computed"):
+        res["mse"]
+    # the attributes are still there
+    assert res.n_rows == 20 and res.n_values == 60 and res.n_skipped == 0
+    assert res.per_output["rmse"].shape == (3,) and res.epoch is None and res.split is None and res.extra == {}
+
+
+def test_epoch_metrics_equality_is_unambiguous(rng):
+    t, p = _pair(rng, (20, 3))
+    a = oocmetrics.compute_arrays(t, p)
+    b = oocmetrics.compute_arrays(t, p)
+    assert a == b and not (a != b)  # per-output arrays of 3: the old dataclass __eq__ raised here
+    one = oocmetrics.compute_arrays(t[:1], p[:1])  # r2 is NaN: NaN equals NaN between results
+    assert math.isnan(one["r2"]) and one == one.copy()
+    c = a.copy()
+    c.per_output["mse"][0] += 1.0
+    assert a != c
+    assert a == dict(a) and a != {"mse": a["mse"]}  # against a plain mapping: the overall values
+    with pytest.raises(TypeError):
+        hash(a)
+
+
+def test_epoch_metrics_copy_is_deep(rng):
+    t, p = _pair(rng, (20, 3))
+    res = oocmetrics.compute_arrays(t, p)
+    res.extra["nested"] = {"batches": [1, 2]}
+    snapshot = copy.deepcopy(res)
+    dup = res.copy()
+    assert isinstance(dup, oocmetrics.EpochMetrics) and dup == res and dup is not res
+    dup.overall["mse"] = -1.0
+    dup.per_output["mse"][:] = -1.0
+    dup.extra["nested"]["batches"].append(3)
+    dup.extra["new"] = 1
+    assert res == snapshot
+    assert res["mse"] > 0 and (res.per_output["mse"] > 0).all() and res.extra == {"nested": {"batches": [1, 2]}}
+
+
+def test_to_dict_strict_json_with_inf_and_nan():
+    # e overflows in output 0 (inf errors, -inf r2); output 1 has one value left (NaN r2)
+    t = np.array([[0.0, 1.0], [1.0, np.nan]])
+    p = np.array([[0.0, 1.0], [1.7e308, np.nan]])
+    res = oocmetrics.compute_arrays(t, p, metrics=["mse", "r2", "mae"], nonfinite="skip")
+    assert res.per_output["mse"][0] == math.inf and res.per_output["r2"][0] == -math.inf
+    assert math.isnan(res.per_output["r2"][1])
+    d = res.to_dict()
+    text = json.dumps(d, allow_nan=False)  # strict JSON: no NaN / Infinity tokens
+    back = json.loads(text)
+    assert back["overall"] == {"mse": "inf", "r2": None, "mae": 1.7e308 / 4}  # mae: mean over outputs
+    assert back["per_output"]["r2"] == ["-inf", None]
+    assert back["per_output"]["mse"] == ["inf", 0.0]
+    assert float(back["per_output"]["r2"][0]) == -math.inf
+    assert "mse=inf" in repr(res) and "r2=nan" in repr(res)
+
+
+def test_metrics_given_as_a_generator_are_consumed_once(rng):
+    from oocmetrics.metrics import finalize, resolve_metrics
+
+    t, p = _pair(rng, (30, 2), dtype=np.float64)
+    res = oocmetrics.compute_arrays(t, p, metrics=(m for m in ["median_absolute_error", "mse", "mse"]))
+    assert list(res) == ["median_absolute_error", "mse"]
+    assert resolve_metrics(iter(["r2", "mae"])) == ("r2", "mae")
+    assert resolve_metrics("mae") == ("mae",) and resolve_metrics(None) == oocmetrics.METRICS
+    partials = moments.chunk_partials(t, p)
+    fin = finalize(partials, (m for m in ["rmse", "pearson_r"]), n_rows=30)
+    assert list(fin) == ["rmse", "pearson_r"]
+    np.testing.assert_allclose(fin.per_output["rmse"], np.sqrt(res.per_output["mse"]), rtol=1e-12)
+    with pytest.raises(ValueError, match="Unknown metric"):
+        resolve_metrics(m for m in ["mse", 3])
