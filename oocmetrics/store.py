@@ -109,11 +109,16 @@ def open_root(path: str | os.PathLike[str], *, create: bool) -> Path:
         if not create:
             raise StoreError(f"No oocmetrics store at {p}; record one with oocmetrics.Recorder first.")
         p.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(p), mode="a", zarr_format=3)
-        root.attrs[_TAG] = {"format": FORMAT, "created": _now()}
+        # One write of zarr.json, attributes included: a crash leaves no untagged root behind.
+        zarr.open_group(str(p), mode="a", zarr_format=3, attributes={_TAG: {"format": FORMAT, "created": _now()}})
         return p
     doc = read_json(meta)
     tag = (doc.get("attributes") or {}).get(_TAG)
+    if tag is None and doc.get("zarr_format") == 3 and not doc.get("attributes") and create and \
+            {e.name for e in p.iterdir()} <= {"zarr.json", META}:
+        # an empty, untagged root: what an older version left when killed while creating the store
+        zarr.open_group(str(p), mode="r+").attrs[_TAG] = {"format": FORMAT, "created": _now()}
+        return p
     if doc.get("zarr_format") != 3 or not isinstance(tag, dict) or tag.get("format") != FORMAT:
         raise StoreError(
             f"{p} is a zarr store written by another program or format ({meta}: attributes[{_TAG!r}] = "
@@ -126,8 +131,7 @@ def ensure_split(root: Path, split: str) -> Path:
     """The split's directory, created as a zarr group if missing."""
     d = root / split
     if not (d / "zarr.json").exists():
-        g = zarr.open_group(str(root), mode="r+").require_group(split)
-        g.attrs[_TAG] = {"format": FORMAT, "split": split}
+        zarr.open_group(str(root), mode="r+").create_group(split, attributes={_TAG: {"format": FORMAT, "split": split}})
     else:
         read_json(d / "zarr.json")  # damaged metadata: say so now, naming the file
     return d
@@ -244,8 +248,9 @@ def _discard(path: Path, trash: Path) -> None:
 
 
 def remove_epochs(root: Path, split: str, epochs: list[int]) -> None:
+    """Delete epochs, newest first: a crash part-way leaves the older ones as an unbroken run."""
     trash = tmp_dir(root, split)
-    for e in epochs:
+    for e in sorted(epochs, reverse=True):
         path = root / split / epoch_name(e)
         if path.exists():
             _discard(path, trash)
