@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	$(PIP) install -q -c constraints.txt -e '.[trainer,test,bench]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(PIP) install -q -c constraints.txt -e '.[trainer,test,bench,distributed]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	$(PY) -c "import oocmetrics, trainer, torch, zarr, dask, distributed, numba, filelock, psutil, tqdm, sklearn, scipy, hypothesis, torchmetrics, matplotlib"
 	touch $(STAMP)
 

@@ -256,8 +256,22 @@ def remove_epochs(root: Path, split: str, epochs: list[int]) -> None:
             _discard(path, trash)
 
 
+_PARTIAL_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
 def recover_split(root: Path, split: str) -> None:
-    """Finish what a crashed writer of this split left in its tmp dir (caller holds the split lock)."""
+    """Finish what a crashed writer of this split left behind (caller holds the split lock).
+
+    Rolls an interrupted swap forward, empties the split's tmp dir, and removes the temporary files
+    of zarr writes that a kill cut short (``*.<uuid>.partial``; zarr's listings warn about them).
+    """
+    for entry in os.scandir(root):
+        if entry.is_file() and _PARTIAL_RE.search(entry.name):
+            os.unlink(entry.path)
+    for dirpath, _, files in os.walk(root / split):
+        for name in files:
+            if _PARTIAL_RE.search(name):
+                os.unlink(os.path.join(dirpath, name))
     tmp = tmp_dir(root, split)
     for entry in sorted(os.scandir(tmp), key=lambda e: e.name):
         path = Path(entry.path)
