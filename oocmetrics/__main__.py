@@ -2,6 +2,10 @@
 
     python -m oocmetrics inspect runs/exp1
     python -m oocmetrics compute runs/exp1 --split val [--epoch 3] [--metrics mse r2] [--json out.json]
+    python -m oocmetrics verify runs/exp1 --split val [--epoch 3]
+
+``compute`` merges the partials stored with each chunk (``--source data`` recomputes from the data);
+``verify`` does both and checks that they agree bit for bit (exit 1 if not).
 
 Both read only durable rows (``rows`` in an epoch's attributes) and take no lock, so they work while a
 run is writing, after it crashed, or after its disk filled up. Exit code 2: no such store, split or
@@ -48,8 +52,26 @@ def _inspect(path: str) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    data = compute_stored(args.path, args.split, args.epoch, progress=args.progress, source="data")
+    stored = compute_stored(args.path, args.split, args.epoch, source="auto")
+    where = f"{args.path} {data.split} epoch {data.epoch} ({data.n_rows} rows)"
+    if stored.extra.get("source") != "partials":
+        print(f"{where}: no stored partials cover the rows; computed from the data only")
+        return 0
+    differ = [k for k in data.per_output
+              if not np.array_equal(data.per_output[k], stored.per_output[k], equal_nan=True)]
+    if differ:
+        print(f"{where}: stored partials DIFFER from a recompute from the data in {differ}", file=sys.stderr)
+        return 1
+    print(f"{where}: stored partials equal a recompute from the data, bit for bit "
+          f"({len(data.per_output)} metrics x {len(next(iter(data.per_output.values())))} outputs)")
+    return 0
+
+
 def _compute(args: argparse.Namespace) -> int:
-    result = compute_stored(args.path, args.split, args.epoch, metrics=args.metrics, progress=args.progress)
+    result = compute_stored(args.path, args.split, args.epoch, metrics=args.metrics, progress=args.progress,
+                            source=args.source)
     width = max(len(k) for k in result.overall)
     print(f"{args.path} {result.split} epoch {result.epoch}: {result.n_rows} rows, "
           f"{result.n_values} values, {result.n_skipped} skipped"
@@ -75,10 +97,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                            help="metrics (default: the one-pass suite; median_absolute_error on request)")
     p_compute.add_argument("--json", default=None, help="also write the result to this JSON file")
     p_compute.add_argument("--progress", action="store_true", help="show a progress bar")
+    p_compute.add_argument("--source", choices=("auto", "partials", "data"), default="auto",
+                           help="auto: merge the partials stored with each chunk when they cover the rows; "
+                                "data: recompute from the data (same bits)")
+    p_verify = sub.add_parser("verify", help="check that stored partials equal a recompute from the data")
+    p_verify.add_argument("path", help="store directory (the Recorder's path)")
+    p_verify.add_argument("--split", default="train", help="split name (default: train)")
+    p_verify.add_argument("--epoch", type=int, default=None, help="epoch number (default: the last)")
+    p_verify.add_argument("--progress", action="store_true", help="show a progress bar")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             return _inspect(args.path)
+        if args.command == "verify":
+            return _verify(args)
         return _compute(args)
     except (StoreError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import dask
 import dask.array as da
@@ -21,7 +21,7 @@ from zarr.buffer.cpu import NDBuffer
 
 from oocmetrics.kernels import select
 from oocmetrics.kernels.moments import (
-    K, N, chunk_partials, empty_partials, n_outputs, tree_combine,
+    K, N, SKIPPED, chunk_partials, empty_partials, n_outputs, tree_combine,
 )
 from oocmetrics.metrics import EpochMetrics, finalize, order_statistics_needed, resolve_metrics
 
@@ -157,15 +157,37 @@ def _identity(x: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndar
     return x
 
 
-def partials_graph(blocks: RowBlocks, *, split_every: int = SPLIT_EVERY) -> da.Array:
-    """Lazy (1, K, J) merged partials of all blocks; see :func:`~oocmetrics.kernels.chunk_partials`."""
-    J = blocks.n_outputs
-    parts = _per_block(blocks, chunk_partials, ((K,), (J,)), np.float64)
+def block_partials(t: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Partials (K, J) of one row block, exactly as the epoch-end pass computes them from the store.
+
+    The writer thread calls this on each chunk while it is in memory; the stored result is then the
+    same bits the data pass would compute, so merging stored partials equals a recompute bit for bit.
+    """
+    J = n_outputs(tuple(t.shape))
+    return chunk_partials(t.reshape(-1, J), p.reshape(-1, J))
+
+
+def _merge_tree(parts: da.Array, split_every: int) -> da.Array:
+    """The one fixed merge tree over per-block partials (n, K, J) with one block per dask chunk."""
     return da.reduction(
         parts, chunk=_identity, combine=_combine, aggregate=_combine, axis=0, keepdims=True,
         dtype=np.float64, split_every=split_every, concatenate=True,
         meta=np.empty((0, 0, 0), dtype=np.float64),
     )
+
+
+def partials_graph(blocks: RowBlocks, *, split_every: int = SPLIT_EVERY) -> da.Array:
+    """Lazy (1, K, J) merged partials of all blocks; see :func:`~oocmetrics.kernels.chunk_partials`."""
+    J = blocks.n_outputs
+    return _merge_tree(_per_block(blocks, chunk_partials, ((K,), (J,)), np.float64), split_every)
+
+
+def merge_block_partials(stack: np.ndarray, *, split_every: int = SPLIT_EVERY) -> np.ndarray:
+    """Merged (K, J) of per-block partials stacked (n, K, J): the same tree as the data pass."""
+    if stack.shape[0] == 0:
+        return empty_partials(stack.shape[2])
+    parts = da.from_array(np.ascontiguousarray(stack, dtype=np.float64), chunks=(1, *stack.shape[1:]))
+    return np.asarray(_merge_tree(parts, split_every).compute(scheduler="sync"))[0]
 
 
 def compute_partials(
@@ -242,11 +264,18 @@ def median_abs_error(blocks: RowBlocks, counts: np.ndarray, **kwargs: Any) -> np
 def metrics_of(
     blocks: RowBlocks, *, metrics: Iterable[str] | None = None,
     split_every: int = SPLIT_EVERY, scheduler: Any = None, progress: bool = False,
-    epoch: int | None = None, split: str | None = None,
+    epoch: int | None = None, split: str | None = None, stored_partials: np.ndarray | None = None,
 ) -> EpochMetrics:
-    """Exact metrics of all blocks: one pass for the partials, more only for order statistics."""
+    """Exact metrics of all blocks: one pass for the partials, more only for order statistics.
+
+    ``stored_partials`` (n_blocks, K, J): the blocks' partials computed when they were written; they
+    replace the data pass (same merge tree, so the same bits).
+    """
     metrics = resolve_metrics(metrics)  # once: a generator must not be consumed twice
-    partials = compute_partials(blocks, split_every=split_every, scheduler=scheduler, progress=progress)
+    if stored_partials is not None:
+        partials = merge_block_partials(stored_partials, split_every=split_every)
+    else:
+        partials = compute_partials(blocks, split_every=split_every, scheduler=scheduler, progress=progress)
     order_stats = {}
     if "median_absolute_error" in order_statistics_needed(metrics):
         order_stats["median_absolute_error"] = median_abs_error(
@@ -280,12 +309,45 @@ def compute_arrays(
     )
 
 
+Source = Literal["auto", "partials", "data"]
+
+
+def usable_partials(partials: Any, rows: int, chunk_rows: int, trailing: tuple[int, ...]) -> np.ndarray | None:
+    """The stored per-chunk partials of the first ``rows`` rows, or None if they do not cover exactly
+    those rows (an old store, or a crash between a chunk's rewrite and its row count)."""
+    if partials is None or rows <= 0:
+        return None
+    n_chunks = -(-rows // chunk_rows)
+    if partials.shape[0] < n_chunks or tuple(partials.shape[1:]) != (K, n_outputs((rows, *trailing))):
+        return None
+    stack = np.asarray(partials[:n_chunks], dtype=np.float64)
+    per_row = int(np.prod(trailing[:-1], dtype=np.int64)) if len(trailing) > 1 else 1
+    covered = (stack[:, N, 0] + stack[:, SKIPPED, 0]) / per_row
+    expected = np.minimum(chunk_rows, rows - np.arange(n_chunks) * chunk_rows)
+    return stack if np.array_equal(covered, expected) else None
+
+
 def compute_store_arrays(
     y_true: Any, y_pred: Any, rows: int, *, buffers: list[tuple[np.ndarray, np.ndarray]] | None = None,
-    **kwargs: Any,
+    partials: Any = None, source: Source = "auto", **kwargs: Any,
 ) -> EpochMetrics:
     """Exact metrics over the first ``rows`` rows of two stored zarr arrays, one task per chunk.
 
+    ``partials``: the epoch's stored per-chunk partials (a zarr array), merged instead of reading the
+    data when ``source`` is "auto" (if they cover the rows) or "partials" (required); "data" always
+    reads the data. Order statistics read the data in every case.
     ``buffers``: idle chunk-sized (y_true, y_pred) buffer pairs the reads may use (saves memory).
     """
-    return metrics_of(RowBlocks(y_true, y_pred, rows, y_true.chunks[0], buffers), **kwargs)
+    if source not in ("auto", "partials", "data"):
+        raise ValueError(f"source={source!r}; expected 'auto', 'partials' or 'data'.")
+    stack = None
+    if source != "data":
+        stack = usable_partials(partials, rows, y_true.chunks[0], tuple(y_true.shape[1:]))
+        if stack is None and source == "partials":
+            raise ValueError(
+                "source='partials', but this epoch has no stored partials covering its rows (a store "
+                "written before they existed, or a crash mid-chunk); use source='data' or 'auto'."
+            )
+    result = metrics_of(RowBlocks(y_true, y_pred, rows, y_true.chunks[0], buffers), stored_partials=stack, **kwargs)
+    result.extra["source"] = "partials" if stack is not None else "data"
+    return result

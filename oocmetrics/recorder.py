@@ -26,9 +26,10 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
-from oocmetrics.compute import SPLIT_EVERY, compute_store_arrays
+from oocmetrics.compute import SPLIT_EVERY, Source, block_partials, compute_store_arrays
 from oocmetrics.errors import StoreError, WriterError
 from oocmetrics.lock import SplitLock
+from oocmetrics.kernels.moments import FIELDS
 from oocmetrics.metrics import EpochMetrics, resolve_metrics
 from oocmetrics.store import (
     ChunkWriter, EpochSpec, EpochStore, Job, check_split_name, describe_oserror, ensure_split, epoch_name,
@@ -213,7 +214,7 @@ class Recorder:
         self._chunk_rows = 0
         self._pos = _Pos()
         self._sealed_rows = 0  # rows covered by the last flush of a partial chunk
-        self._cached: tuple[int, EpochMetrics] | None = None
+        self._cached: tuple[tuple[int, str], EpochMetrics] | None = None
 
     @property
     def rows(self) -> int:
@@ -247,6 +248,7 @@ class Recorder:
             root=self._root, split=self.split, epoch=self.epoch, trailing=trailing, dtypes=dtypes,
             compressors=self._compressors, run_id=self._run_id, fsync=self.fsync,
             attrs={"split": self.split, "nonfinite": self.nonfinite, "dtypes": [str(d) for d in dtypes]},
+            partial_fields=FIELDS,
         )
 
         def make_buffers() -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +261,8 @@ class Recorder:
         def open_store(rows_per_chunk: int) -> EpochStore:  # runs on the writer thread
             return self._create_epoch_on_disk(spec, rows_per_chunk)
 
-        writer = ChunkWriter(open_store, chunk_rows, make_buffers, n_buffers=self._queue_chunks + 1)
+        writer = ChunkWriter(open_store, chunk_rows, make_buffers, n_buffers=self._queue_chunks + 1,
+                             reduce=block_partials)
         self._trailing, self._dtypes, self._chunk_rows = trailing, dtypes, chunk_rows
         self._writer = writer
 
@@ -396,9 +399,12 @@ class Recorder:
                 for b in taken:
                     writer.release(b)
 
-    def compute(self) -> EpochMetrics:
+    def compute(self, source: Source = "auto") -> EpochMetrics:
         """Exact metrics over every row recorded in the current epoch (flushes to disk first).
 
+        The decomposable metrics merge the partials the writer computed as each chunk was written
+        (``source="auto"``: no pass over the data); ``source="data"`` recomputes them from the stored
+        data, bit for bit the same. Order statistics always read the data.
         Returns a new object each call: changing it does not change later results.
         """
         self._enter("compute")
@@ -409,7 +415,7 @@ class Recorder:
                     f"update(y_true, y_pred) at least once before compute(). Stored epochs: "
                     f"oocmetrics.compute_stored({str(self.path)!r}, {self.split!r}, epoch=...)."
                 )
-            if self._cached is not None and self._cached[0] == self._pos.rows:
+            if self._cached is not None and self._cached[0] == (self._pos.rows, source):
                 return copy.deepcopy(self._cached[1])
             self._flush()
             writer = self._writer
@@ -420,14 +426,14 @@ class Recorder:
             try:
                 result = compute_store_arrays(
                     store.arrays["y_true"], store.arrays["y_pred"], self._pos.rows, buffers=idle,
-                    metrics=self.metrics, split_every=self.split_every, scheduler=self.scheduler,
+                    partials=store.partials, source=source, metrics=self.metrics, split_every=self.split_every, scheduler=self.scheduler,
                     progress=self.progress, epoch=self.epoch, split=self.split,
                 )
             finally:
                 for pair in idle:
                     writer.release(pair)
             result.extra["batches"] = self._pos.batches
-            self._cached = (self._pos.rows, result)
+            self._cached = ((self._pos.rows, source), result)
             return copy.deepcopy(result)
         finally:
             self._busy.release()

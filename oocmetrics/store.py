@@ -39,11 +39,13 @@ from oocmetrics.errors import StoreError, WriterError
 
 __all__ = [
     "StoreError", "WriterError", "EpochInfo", "EpochStore", "ChunkWriter", "open_root", "check_split_name",
-    "list_epochs", "scan_split", "epoch_info", "open_epoch_arrays", "remove_epochs", "META", "meta_dir",
+    "list_epochs", "scan_split", "epoch_info", "open_epoch_arrays", "open_epoch_partials", "remove_epochs",
+    "META", "meta_dir", "PARTIALS",
 ]
 
 FORMAT = 1
 ARRAYS = ("y_true", "y_pred")
+PARTIALS = "partials"  # (chunks, fields, outputs) float64: each chunk's partials, computed as it was written
 META = ".oocmetrics"  # a zarr group of its own (so zarr lists it without warnings): locks and tmp
 _TAG = "oocmetrics"
 _EPOCH_RE = re.compile(r"^epoch=(0|[1-9][0-9]*)$")
@@ -226,6 +228,17 @@ def epoch_info(split_dir: Path, epoch: int) -> EpochInfo:
         raise StoreError(f"{path} is not a zarr group (no zarr.json); move it out of the split.") from None
 
 
+def open_epoch_partials(info: EpochInfo) -> zarr.Array | None:
+    """An epoch's stored per-chunk partials, or None (a store written before they existed, or damaged)."""
+    try:
+        read_json(info.path / PARTIALS / "zarr.json")
+        return zarr.open_array(str(info.path / PARTIALS), mode="r")
+    except FileNotFoundError:
+        return None
+    except Exception:  # damaged partials: the data are still there to compute from
+        return None
+
+
 def open_epoch_arrays(split_dir: Path, epoch: int) -> tuple[zarr.Array, zarr.Array, EpochInfo]:
     """The y_true/y_pred arrays of a stored epoch for reading, with its info (read ``info.rows`` rows)."""
     info = epoch_info(split_dir, epoch)
@@ -295,6 +308,7 @@ class EpochSpec:
     run_id: str
     fsync: bool = False
     attrs: dict[str, Any] = field(default_factory=dict)
+    partial_fields: tuple[str, ...] = ()  # names of the partials' fields; () stores no partials
 
 
 def _dimension_names(ndim: int) -> tuple[str, ...]:
@@ -315,6 +329,14 @@ def _build(spec: EpochSpec, chunk_rows: int, dest: Path) -> None:
             # pass over each chunk that measured 5x slower writes.
             config={"write_empty_chunks": True},
         )
+    if spec.partial_fields:
+        J = spec.trailing[-1] if spec.trailing else 1
+        g.create_array(
+            PARTIALS, shape=(0, len(spec.partial_fields), J), chunks=(1, len(spec.partial_fields), J),
+            dtype=np.float64, compressors=None, filters=None, fill_value=0.0,
+            dimension_names=("chunk", "field", "output"), attributes={"fields": list(spec.partial_fields)},
+            config={"write_empty_chunks": True},
+        )
     now = _now()
     g.attrs.update({
         "epoch": spec.epoch, "rows": 0, "batches": 0, "complete": False, "run_id": spec.run_id,
@@ -331,6 +353,7 @@ class EpochStore:
         self.path = path
         self.group = zarr.open_group(str(path), mode="r+")
         self.arrays = {name: self.group[name] for name in ARRAYS}
+        self.partials = self.group[PARTIALS] if spec.partial_fields else None
         attrs = dict(self.group.attrs)
         self.chunk_rows = int(attrs["chunk_rows"])
         self.rows = int(attrs["rows"])
@@ -349,13 +372,15 @@ class EpochStore:
             _fsync_path(dest.parent)
         return cls(spec, dest)
 
-    def rebuild(self, chunk_rows: int, t: np.ndarray, p: np.ndarray, n: int, batches: int) -> "EpochStore":
+    def rebuild(
+        self, chunk_rows: int, t: np.ndarray, p: np.ndarray, n: int, batches: int, partials: np.ndarray | None,
+    ) -> "EpochStore":
         """The same epoch in another chunk grid, holding rows [0, n) of (t, p), swapped in atomically."""
         tmp = tmp_dir(self.spec.root, self.spec.split)
         staging = tmp / f"swap-{epoch_name(self.spec.epoch)}-{uuid.uuid4().hex}"
         _build(self.spec, chunk_rows, staging)
         new = EpochStore(self.spec, staging)
-        new.write_chunk(0, t, p, n, batches=batches)
+        new.write_chunk(0, t, p, n, batches=batches, partials=partials)
         _discard(self.path, tmp)  # a crash here leaves the swap dir, rolled forward by recover_split
         os.rename(staging, self.path)
         if self.spec.fsync:
@@ -379,10 +404,14 @@ class EpochStore:
 
     def _chunk_files(self, index: int) -> list[Path]:
         key = "/".join(["c", str(index)] + ["0"] * len(self.spec.trailing))
-        return [self.path / name / key for name in ARRAYS]
+        files = [self.path / name / key for name in ARRAYS]
+        return files + ([self.path / PARTIALS / f"c/{index}/0/0"] if self.partials is not None else [])
 
-    def write_chunk(self, index: int, t: np.ndarray, p: np.ndarray, n: int, *, batches: int) -> None:
-        """Store rows [index*chunk_rows, +n) of both arrays, then advance the durable row count.
+    def write_chunk(
+        self, index: int, t: np.ndarray, p: np.ndarray, n: int, *, batches: int, partials: np.ndarray | None = None,
+    ) -> None:
+        """Store rows [index*chunk_rows, +n) of both arrays and the chunk's partials, then advance the
+        durable row count (so partials survive a crash with the rows they cover).
 
         The arrays are first sized to exactly the rows written so far, so a chunk is always written
         whole (a full chunk, or the edge chunk) and never read back.
@@ -396,6 +425,10 @@ class EpochStore:
             self.shape0 = end
         for name, buf in zip(ARRAYS, (t, p)):
             self.arrays[name][start:end] = buf[:n]
+        if self.partials is not None and partials is not None:
+            if self.partials.shape[0] != index + 1:
+                self.partials.resize((index + 1, *self.partials.shape[1:]))
+            self.partials[index] = partials
         if self.spec.fsync:
             for f in self._chunk_files(index):
                 _fsync_path(f)
@@ -447,8 +480,10 @@ class ChunkWriter:
     def __init__(
         self, open_store: Callable[[int], EpochStore], chunk_rows: int,
         make_buffers: Callable[[], tuple[np.ndarray, np.ndarray]], n_buffers: int,
+        reduce: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     ):
         self.store: EpochStore | None = None
+        self._reduce = reduce  # partials of a chunk's rows, computed here while it is in memory
         self.chunk_rows = chunk_rows
         self._open_store = open_store
         self._make_buffers = make_buffers
@@ -547,12 +582,13 @@ class ChunkWriter:
         # An epoch that fits in one chunk is stored in a chunk grid of exactly its rows (a padded
         # 8 MiB chunk for a 40-row epoch would be 99% zeros); if it grows later it is rebuilt.
         want = job.n if (job.index == 0 and job.seal) else self.chunk_rows
+        parts = self._reduce(job.t[:job.n], job.p[:job.n]) if self._reduce is not None else None
         if self.store is None:
             self.store = self._open_store(want)
         elif job.index == 0 and self.store.chunk_rows != want:
-            self.store = self.store.rebuild(want, job.t, job.p, job.n, job.batches)
+            self.store = self.store.rebuild(want, job.t, job.p, job.n, job.batches, parts)
             return
-        self.store.write_chunk(job.index, job.t, job.p, job.n, batches=job.batches)
+        self.store.write_chunk(job.index, job.t, job.p, job.n, batches=job.batches, partials=parts)
 
     def _run(self) -> None:
         while True:

@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from oocmetrics.compute import compute_store_arrays
+from oocmetrics.compute import Source, compute_store_arrays
 from oocmetrics.errors import StoreError
 from oocmetrics.metrics import EpochMetrics, resolve_metrics
-from oocmetrics.store import META, check_split_name, open_epoch_arrays, open_root, read_json, scan_split
+from oocmetrics.store import (
+    META, check_split_name, open_epoch_arrays, open_epoch_partials, open_root, read_json, scan_split,
+)
 
 __all__ = ["compute_stored", "split_dir", "splits"]
 
@@ -31,11 +33,13 @@ def splits(root: Path) -> list[str]:
 
 def compute_stored(
     path: str | Path, split: str, epoch: int | None = None, *, metrics: Sequence[str] | None = None,
-    progress: bool = False, scheduler: object = None,
+    progress: bool = False, scheduler: object = None, source: Source = "auto",
 ) -> EpochMetrics:
     """Exact metrics over the durable rows of a stored epoch (default: the last) of ``split``.
 
     Takes no lock: it works while a recorder writes the split, and on the store of a crashed run.
+    ``source``: "auto" merges the partials stored with each chunk when they cover the durable rows,
+    else reads the data; "data" always recomputes from the data (the same bits); "partials" requires them.
     """
     metrics = resolve_metrics(metrics)
     d = split_dir(path, split)
@@ -51,8 +55,8 @@ def compute_stored(
     if info.rows == 0:
         raise StoreError(f"Epoch {epoch} of split {split!r} in {path} has no durable rows.")
     result = compute_store_arrays(
-        y_true, y_pred, info.rows, metrics=metrics, progress=progress, scheduler=scheduler, epoch=epoch,
-        split=split,
+        y_true, y_pred, info.rows, partials=open_epoch_partials(info), source=source, metrics=metrics,
+        progress=progress, scheduler=scheduler, epoch=epoch, split=split,
     )
     result.extra.update({"batches": info.batches, "complete": info.complete})
     return result
