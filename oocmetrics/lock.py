@@ -26,10 +26,14 @@ __all__ = ["SplitLock", "LockedError"]
 def _holder_text(info_path: Path) -> str:
     try:
         info = json.loads(info_path.read_text())
-        return (f"process {info.get('pid')} on host {info.get('host')!r} (run {info.get('run_id')}, "
-                f"since {info.get('since')})")
     except (OSError, ValueError):
         return "another process (holder unknown)"
+    text = (f"process {info.get('pid')} on host {info.get('host')!r} (run {info.get('run_id')}, "
+            f"since {info.get('since')})")
+    if info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+        text += (" - that is THIS process: an earlier Recorder on this split was not closed (call its "
+                 "close(), or use `with oocmetrics.Recorder(...) as rec:`)")
+    return text
 
 
 class SplitLock:

@@ -175,8 +175,11 @@ class Recorder:
         self._spare_layout: tuple[Any, ...] | None = None
         self._last_finished: int | None = None
 
-        self._root = open_root(self.path, create=True)
-        self._lock = SplitLock(self._root, meta_dir(self._root), split, self._run_id)
+        try:
+            self._root = open_root(self.path, create=True)
+            self._lock = SplitLock(self._root, meta_dir(self._root), split, self._run_id)
+        except OSError as exc:  # e.g. a full disk or a read-only path: say which store and why
+            raise StoreError(f"Cannot open the store at {self.path} for writing: {describe_oserror(exc)}.") from exc
         self._lock.acquire(lock_timeout)
         try:
             self._split_dir = ensure_split(self._root, split)
@@ -199,6 +202,9 @@ class Recorder:
                     last = stored[max(stored)]
                     epoch = last.epoch + 1 if last.complete else last.epoch  # replace a crashed epoch
                 self._replace_from = epoch if epoch is not None else 0
+        except OSError as exc:
+            self._lock.release()
+            raise StoreError(f"Cannot prepare split {split!r} of {self.path}: {describe_oserror(exc)}.") from exc
         except BaseException:
             self._lock.release()
             raise
