@@ -439,3 +439,21 @@ def test_resume_after_a_crash_mid_epoch_stores_the_trainers_epoch_numbers(tmp_pa
         assert res.epoch == 2 and res.extra["complete"] is True
         assert res.n_rows == rows[2, split]["n_rows"]
         assert res["mse"] == pytest.approx(rows[2, split]["mse"], rel=1e-12)
+
+
+def test_device_flag_and_loader_workers(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--device cpu and --workers 2 give the same metrics as the default; --device cuda without a GPU is
+    a clear exit 2 (with a GPU, it trains there)."""
+    base, workers = tmp_path / "base", tmp_path / "workers"
+    assert main(smoke_args(base, cache, "--epochs", "1")) == 0
+    assert main(smoke_args(workers, cache, "--epochs", "1", "--device", "cpu", "--workers", "2")) == 0
+    assert "device cpu" in capsys.readouterr().out
+    a, b = read_history(base), read_history(workers)
+    for ra, rb in zip(a, b):
+        for k in METRICS:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6), (ra["split"], k)
+    if not torch.cuda.is_available():
+        assert main(smoke_args(tmp_path / "gpu", cache, "--device", "cuda")) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert main(smoke_args(tmp_path / "bad", cache, "--device", "tpu")) == 2
+    assert "device" in capsys.readouterr().err

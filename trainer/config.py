@@ -124,12 +124,18 @@ class TrainConfig:
         "tqdm progress bar per epoch (always off when stderr is not a terminal)"))
     out: str | None = field(default=None, metadata=_help(
         "run directory for metrics store, checkpoint, history, plot (default: runs/<config name>)"))
+    device: str = field(default="auto", metadata=_help(
+        "where the model trains: auto (CUDA when available, else CPU), cpu or cuda"))
+    workers: int = field(default=0, metadata=_help(
+        "DataLoader worker processes (0 = load batches in the training process); with CUDA, batches "
+        "are also pinned for asynchronous host-to-device copies"))
 
     def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda"), "device", "one of auto, cpu, cuda", self.device)
         for name in ("epochs", "batch_size"):
             _check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         _check(self.lr > 0, "lr", "> 0", self.lr)
-        for name in ("weight_decay", "grad_clip", "threads", "log_every"):
+        for name in ("weight_decay", "grad_clip", "threads", "log_every", "workers"):
             _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
 
 

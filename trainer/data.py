@@ -206,7 +206,13 @@ class WindowDataset(Dataset):
                 torch.from_numpy(np.array(y[sl], dtype=np.float32)))
 
 
-def make_loader(ds: WindowDataset, *, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches of (x, y) of shape (B, window, C), (B, window, J); shuffled by ``seed`` if asked."""
+def make_loader(ds: WindowDataset, *, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """Batches of (x, y) of shape (B, window, C), (B, window, J); shuffled by ``seed`` if asked.
+
+    ``workers`` > 0 loads batches in that many processes; ``pin_memory`` (for a CUDA model) puts them
+    in page-locked memory so the host-to-device copy can run asynchronously.
+    """
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=False)

@@ -89,8 +89,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 rec: oocmetrics.Recorder, *, epoch: int,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
                 grad_clip: float = 0.0, log_every: int = 0, progress: bool = False,
-                rss: RssSampler | None = None, log: Callable[[str], None] = print) -> EpochResult:
-    """Train one epoch, recording every batch's predictions; metrics via ``rec.compute()``."""
+                rss: RssSampler | None = None, log: Callable[[str], None] = print,
+                device: torch.device | str = "cpu") -> EpochResult:
+    """Train one epoch on ``device``, recording every batch's predictions; metrics via ``rec.compute()``."""
     _begin(rec, epoch, rss)
     model.train()
     t0 = time.perf_counter()
@@ -98,6 +99,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     bar = _bar(loader, f"epoch {epoch} train", progress)
     write = tqdm.write if not bar.disable else log
     for i, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         pred = model(x)
         loss = loss_fn(pred, y)
         optimizer.zero_grad(set_to_none=True)
@@ -122,7 +124,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 def validate_epoch(model: nn.Module, loader: Iterable, rec: oocmetrics.Recorder, *, epoch: int,
                    split: str = "val",
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
-                   progress: bool = False, rss: RssSampler | None = None) -> EpochResult:
+                   progress: bool = False, rss: RssSampler | None = None,
+                   device: torch.device | str = "cpu") -> EpochResult:
     """Predict every batch of ``loader`` without gradients; exact metrics via ``rec.compute()``."""
     _begin(rec, epoch, rss)
     model.eval()
@@ -130,6 +133,7 @@ def validate_epoch(model: nn.Module, loader: Iterable, rec: oocmetrics.Recorder,
     n_batches, loss_sum, rows = len(loader), 0.0, 0
     bar = _bar(loader, f"epoch {epoch} {split}", progress)
     for i, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         pred = model(x)
         rec.update(y, pred)
         loss_sum += loss_fn(pred, y).item() * y.shape[0]
@@ -141,6 +145,8 @@ def validate_epoch(model: nn.Module, loader: Iterable, rec: oocmetrics.Recorder,
 
 
 def evaluate(model: nn.Module, loader: Iterable, rec: oocmetrics.Recorder, *, epoch: int,
-             progress: bool = False, rss: RssSampler | None = None) -> EpochResult:
+             progress: bool = False, rss: RssSampler | None = None,
+             device: torch.device | str = "cpu") -> EpochResult:
     """The final test-split evaluation (``validate_epoch`` labelled ``test``)."""
-    return validate_epoch(model, loader, rec, epoch=epoch, split="test", progress=progress, rss=rss)
+    return validate_epoch(model, loader, rec, epoch=epoch, split="test", progress=progress, rss=rss,
+                          device=device)

@@ -101,6 +101,18 @@ def _setup_torch(cfg: RunConfig) -> None:
     torch.manual_seed(cfg.train.seed)
 
 
+def _device(name: str) -> Any:
+    """The torch device for ``--device``: auto picks CUDA when one is available."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is "
+                          "False); use --device auto or cpu.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -134,10 +146,12 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
     train_ds = WindowDataset(splits.train, window=d.window, stride=d.stride)
     val_ds = WindowDataset(splits.val, window=d.window, stride=d.eval_stride)
     test_ds = WindowDataset(splits.test, window=d.window, stride=d.eval_stride)
-    val_loader = make_loader(val_ds, batch_size=tc.batch_size, shuffle=False)
-    test_loader = make_loader(test_ds, batch_size=tc.batch_size, shuffle=False)
+    device = _device(tc.device)
+    load_kw = dict(batch_size=tc.batch_size, workers=tc.workers, pin_memory=device.type == "cuda")
+    val_loader = make_loader(val_ds, shuffle=False, **load_kw)
+    test_loader = make_loader(test_ds, shuffle=False, **load_kw)
 
-    model = build_model(cfg.model, splits.in_channels, splits.joints)
+    model = build_model(cfg.model, splits.in_channels, splits.joints).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     history: list[dict[str, Any]] = []
     start = 0
@@ -153,7 +167,7 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
          f"{d.window}: train {len(train_ds)} ({-(-len(train_ds) // tc.batch_size)} batches of "
          f"{tc.batch_size}), val {len(val_ds)}, test {len(test_ds)}")
     _say(f"model TCN: {n_params} parameters, receptive field {model.receptive_field} steps; "
-         f"torch threads {torch.get_num_threads()}")
+         f"device {device}; torch threads {torch.get_num_threads()}; loader workers {tc.workers}")
 
     progress = tc.progress and sys.stderr.isatty()
     mode = "resume" if ckpt is not None else "overwrite"
@@ -170,12 +184,13 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
         recs = {s: stack.enter_context(oocmetrics.Recorder(store, split=s, **rec_kw))
                 for s in ("train", "val", "test")}
         for epoch in range(start, tc.epochs):
-            loader = make_loader(train_ds, batch_size=tc.batch_size, shuffle=True,
-                                 seed=tc.seed * 1_000_003 + epoch)  # per-epoch order: resume-exact
-            tr = train_epoch(model, loader, optimizer, recs["train"], epoch=epoch,
+            # per-epoch order: resume-exact
+            loader = make_loader(train_ds, shuffle=True, seed=tc.seed * 1_000_003 + epoch, **load_kw)
+            tr = train_epoch(model, loader, optimizer, recs["train"], epoch=epoch, device=device,
                              grad_clip=tc.grad_clip, log_every=tc.log_every, progress=progress,
                              rss=rss, log=_say)
-            va = validate_epoch(model, val_loader, recs["val"], epoch=epoch, progress=progress, rss=rss)
+            va = validate_epoch(model, val_loader, recs["val"], epoch=epoch, progress=progress, rss=rss,
+                                device=device)
             history += [tr.row(), va.row()]
             details.update(train=tr.details, val=va.details)
             _say(f"epoch {epoch} done: train {tr.seconds:.1f} s (metrics {tr.compute_seconds:.1f} s), "
@@ -188,7 +203,7 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
                 plot_history(out / "history.png", history, title=f"{cfg.name}: {out}")
             last = epoch
 
-        te = evaluate(model, test_loader, recs["test"], epoch=last, progress=progress, rss=rss)
+        te = evaluate(model, test_loader, recs["test"], epoch=last, progress=progress, rss=rss, device=device)
     history = [r for r in history if not (r["split"] == "test" and r["epoch"] == last)] + [te.row()]
     details["test"] = te.details
     _say(f"test after epoch {last}: {te.seconds:.1f} s, peak RSS {te.peak_rss_mb:.0f} MiB")
