@@ -65,7 +65,7 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{where}: stored partials DIFFER from a recompute from the data in {differ}", file=sys.stderr)
         return 1
     print(f"{where}: stored partials equal a recompute from the data, bit for bit "
-          f"({len(data.per_output)} metrics x {len(next(iter(data.per_output.values())))} outputs)")
+          f"({len(data.overall)} metrics x {len(next(iter(data.per_output.values())))} outputs)")
     return 0
 
 
