@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	$(PIP) install -q -c constraints.txt -e '.[trainer,test,bench,distributed]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	$(PY) -c "import oocmetrics, trainer, torch, zarr, dask, distributed, numba, filelock, psutil, tqdm, sklearn, scipy, hypothesis, torchmetrics, matplotlib"
+	$(PY) -c "import oocmetrics, trainer, torch, zarr, dask, distributed, numba, filelock, psutil, tqdm, sklearn, scipy, hypothesis, torchmetrics, matplotlib, xarray, lightning, transformers, accelerate"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,13 +9,14 @@
 from oocmetrics import _numba  # noqa: F401  (numba.njit for the kernels; sets no process-wide state)
 from oocmetrics.compute import compute_arrays
 from oocmetrics.memory import peak_rss_bytes
-from oocmetrics.metrics import ALL_METRICS, METRICS, ORDER_METRICS, EpochMetrics
+from oocmetrics.metrics import ALL_METRICS, METRICS, ORDER_METRICS, EpochMetrics, resolve_metrics
 from oocmetrics.errors import LockedError, StoreError, WriterError
 from oocmetrics.recorder import Recorder
 from oocmetrics.stored import compute_stored
+from oocmetrics.xarray_view import open_epoch  # imports xarray (an optional extra) only when called
 
 __all__ = [
     "Recorder", "EpochMetrics", "METRICS", "ORDER_METRICS", "ALL_METRICS", "compute_arrays",
-    "compute_stored", "StoreError", "WriterError", "LockedError", "peak_rss_bytes",
+    "compute_stored", "resolve_metrics", "open_epoch", "StoreError", "WriterError", "LockedError", "peak_rss_bytes",
 ]
 __version__ = "0.1.0"
