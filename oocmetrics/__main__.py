@@ -2,6 +2,7 @@
 
     python -m oocmetrics inspect runs/exp1
     python -m oocmetrics compute runs/exp1 --split val [--epoch 3] [--metrics mse r2] [--json out.json]
+    python -m oocmetrics compute runs/exp1 --split val --quantiles 0.5 0.9 0.99   # exact quantiles of |e|
     python -m oocmetrics verify runs/exp1 --split val [--epoch 3]
 
 ``compute`` merges the partials stored with each chunk (``--source data`` recomputes from the data);
@@ -71,13 +72,19 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _compute(args: argparse.Namespace) -> int:
     result = compute_stored(args.path, args.split, args.epoch, metrics=args.metrics, progress=args.progress,
-                            source=args.source)
+                            source=args.source, quantiles=args.quantiles)
     width = max(len(k) for k in result.overall)
     print(f"{args.path} {result.split} epoch {result.epoch}: {result.n_rows} rows, "
           f"{result.n_values} values, {result.n_skipped} skipped"
           f"{'' if result.extra.get('complete') else ' (INCOMPLETE epoch: durable rows only)'}")
     for name, value in result.overall.items():
         print(f"  {name:<{width}}  {value:.8g}")
+    if result.quantiles is not None:
+        per = np.asarray(result.quantiles["per_output"])
+        print(f"  quantiles of |y_true - y_pred| (exact; pooled over all outputs, then per output):")
+        for i, q in enumerate(result.quantiles["q"]):
+            cells = " ".join(f"{v:.8g}" for v in per[i])
+            print(f"    q={q:<6g} pooled {result.quantiles['pooled'][i]:.8g}  per output [{cells}]")
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
         print(f"wrote {args.json}")
@@ -95,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_compute.add_argument("--epoch", type=int, default=None, help="epoch number (default: the last)")
     p_compute.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=None,
                            help="metrics (default: the one-pass suite; median_absolute_error on request)")
+    p_compute.add_argument("--quantiles", nargs="+", type=float, default=None, metavar="Q",
+                           help="also exact quantiles of |y_true - y_pred| in [0, 1], per output and pooled "
+                                "(e.g. 0.5 0.9 0.99)")
     p_compute.add_argument("--json", default=None, help="also write the result to this JSON file")
     p_compute.add_argument("--progress", action="store_true", help="show a progress bar")
     p_compute.add_argument("--source", choices=("auto", "partials", "data"), default="auto",

@@ -9,6 +9,7 @@ Exact order statistics (``median_absolute_error``) take more passes of the same 
 """
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from typing import Any, Iterable, Literal
@@ -207,93 +208,254 @@ def compute_partials(
     return np.asarray(out)[0]
 
 
+HIST_BUDGET = 32 << 20
+"""Bytes of histograms an order-statistics pass may hold at once (beside the chunks being read)."""
+
+
+def _workers(scheduler: Any) -> int:
+    """How many tasks the scheduler runs at once (an estimate: it only sets the number of folds)."""
+    if scheduler in ("sync", "synchronous", "single-threaded"):
+        return 1
+    n = dask.config.get("num_workers", None)
+    info = getattr(scheduler, "nthreads", None)  # a dask.distributed Client
+    if callable(info):
+        try:
+            n = sum(info().values())
+        except Exception:  # noqa: BLE001  (only a parallelism hint)
+            n = None
+    return max(1, int(n or os.cpu_count() or 1))
+
+
+def _fold_groups(n_blocks: int, n_groups: int) -> list[range]:
+    """Contiguous runs of block indices, ``n_groups`` of them (fewer if there are fewer blocks)."""
+    n_groups = max(1, min(n_groups, n_blocks))
+    edges = np.linspace(0, n_blocks, n_groups + 1).round().astype(int)
+    return [range(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _histogram_pass(
+    blocks: RowBlocks, bits: int, starts: np.ndarray, tprefix: np.ndarray, scheduler: Any,
+) -> tuple[np.ndarray, int]:
+    """Merged (targets, 2**width) int64 histogram of the next ``width`` bits of |e| after the top
+    ``bits`` over every block, in bounded memory; returns it and ``width``.
+
+    Each task *folds* a contiguous run of blocks into one histogram it allocates once, so a pass holds
+    ``n_folds`` histograms whatever the number of blocks (integer counts: the grouping cannot change
+    the result). The digit is 16 bits when ``n_folds`` (target, 65,536) histograms fit
+    ``HIST_BUDGET``; with many targets (many outputs x quantiles) it narrows, down to
+    ``MIN_DIGIT_BITS``, and then the folds drop to 1: memory stays under the budget, the passes
+    do not multiply.
+    """
+    J = blocks.n_outputs
+    T = tprefix.size
+    left = 64 - bits
+    n_folds = max(1, min(_workers(scheduler), blocks.n_blocks))
+
+    def fit(folds: int) -> int:
+        return int(np.floor(np.log2(max(1, HIST_BUDGET // (folds * T * 8)))))
+
+    width = fit(n_folds)
+    if width < min(select.DIGIT_BITS, left):
+        n_folds = max(1, min(n_folds, HIST_BUDGET // (T * 8 << min(select.DIGIT_BITS, left))))
+        width = fit(n_folds)
+    width = min(left, max(select.MIN_DIGIT_BITS, min(select.DIGIT_BITS, width)))
+
+    def fold(group: range) -> np.ndarray:
+        out = np.zeros((T, 1 << width), np.int64)
+        for i in group:
+            t, p = blocks.read(i)
+            select.histogram_into(t, p, J, bits, width, starts, tprefix, out)
+        return out
+
+    results = list(dask.compute(
+        *[dask.delayed(fold, pure=False)(g) for g in _fold_groups(blocks.n_blocks, n_folds)],
+        scheduler=scheduler,
+    ))
+    total = results.pop(0)
+    while results:
+        total += results.pop(0)  # integer counts: any order gives the same sums
+    return total, width
+
+
+def select_order_statistics(
+    blocks: RowBlocks, ranks: np.ndarray, pooled_ranks: np.ndarray | None = None, *,
+    split_every: int = SPLIT_EVERY, scheduler: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``ranks[j, r]``-th smallest |e| (0-based) of each output j, and the ``pooled_ranks[r]``-th
+    smallest over all outputs' values together, all in the same passes.
+
+    Radix select (see :mod:`oocmetrics.kernels.select`); the pooled set is one more histogram row
+    (owner J), so pooled ranks cost no extra pass. Passes, for any number of ranks: histogram passes
+    until at most ``GATHER_MAX`` candidates remain (1 on small data, usually 2; 16-bit digits, so at
+    most 4 if the histograms fit the budget at full width, e.g. heavily tied data), then 1 gather
+    pass (none if all 64 bits are known). So continuous data takes 2 or 3 passes in all.
+    Memory: at most ``HIST_BUDGET`` bytes of histograms (with very many targets the digit narrows
+    instead) and at most ``GATHER_MAX`` candidates. A negative rank gives NaN.
+    """
+    J = blocks.n_outputs
+    ranks = np.asarray(ranks, dtype=np.int64).reshape(J, -1)
+    R = ranks.shape[1]
+    pooled = np.zeros(0, np.int64) if pooled_ranks is None else np.asarray(pooled_ranks, np.int64).reshape(-1)
+    all_ranks = np.concatenate([ranks.reshape(-1), pooled])
+    owner = np.concatenate([np.repeat(np.arange(J), R), np.full(pooled.size, J)]).astype(np.int64)
+    result = np.full(all_ranks.size, np.nan)
+    live = np.flatnonzero(all_ranks >= 0)
+
+    def split(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return values[: J * R].reshape(J, R), values[J * R:]
+
+    if live.size == 0 or blocks.n_blocks == 0:
+        return split(result)
+    owner, rank = owner[live], all_ranks[live]
+    prefix = np.zeros(live.size, np.uint64)
+    bits = 0
+    while True:
+        starts, tprefix, target = select.targets_of(owner, prefix, J + 1)
+        hist, width = _histogram_pass(blocks, bits, starts, tprefix, scheduler)
+        prefix, rank, count = select.narrow(hist, target, prefix, rank, width)
+        del hist
+        bits += width
+        if bits == 64:  # every bit known: the bucket holds copies of one value
+            result[live] = select.key_to_value(prefix)
+            return split(result)
+        _, first = np.unique(np.stack([owner.astype(np.uint64), prefix], axis=1), axis=0, return_index=True)
+        if count[first].sum() <= select.GATHER_MAX:  # candidates of the distinct buckets
+            break
+
+    starts, tprefix, target = select.targets_of(owner, prefix, J + 1)
+
+    def gather(i: int) -> tuple[np.ndarray, np.ndarray]:
+        t, p = blocks.read(i)
+        return select.gather_chunk(t, p, J, bits, starts, tprefix)
+
+    gathered = dask.compute(*[dask.delayed(gather, pure=False)(i) for i in range(blocks.n_blocks)], scheduler=scheduler)
+    values = np.concatenate([g[0] for g in gathered])
+    index = np.concatenate([g[1] for g in gathered])
+    del gathered
+    order = np.lexsort((values, index))  # by target, then by value
+    values, index = values[order], index[order]
+    begin = np.searchsorted(index, np.arange(tprefix.size))
+    result[live] = values[begin[target] + rank]
+    return split(result)
+
+
 def abs_error_order_statistics(
     blocks: RowBlocks, ranks: np.ndarray, *, split_every: int = SPLIT_EVERY, scheduler: Any = None,
 ) -> np.ndarray:
     """Exact ``ranks[j, r]``-th smallest |y_true - y_pred| (0-based) of each output j, as float64.
 
-    Radix select (see :mod:`oocmetrics.kernels.select`): usually two histogram passes and one gather
-    pass over the blocks; memory is one histogram per task and at most ``GATHER_MAX`` candidates.
-    A negative rank (an output with no finite pair) gives NaN.
+    See :func:`select_order_statistics`. A negative rank (an output with no finite pair) gives NaN.
     """
-    J = blocks.n_outputs
-    ranks = np.asarray(ranks, dtype=np.int64)
-    missing = ranks < 0
-    rank = np.where(missing, 0, ranks)
-    R = rank.shape[1]
-    prefix = np.zeros((J, R), np.uint64)
-    bits = 0
-    for level in range(select.LEVELS):
-        hist = _per_block(
-            blocks, select.histogram_chunk, ((J,), (R,), (select.BINS,)), np.int64, J, level, prefix,
-        ).sum(axis=0, split_every=split_every)
-        (merged,) = dask.compute(hist, scheduler=scheduler)
-        prefix, rank, count = select.narrow(np.asarray(merged), prefix, rank)
-        bits += select.DIGIT_BITS
-        if bits == 64:  # every bit known: the bucket holds copies of one value
-            return np.where(missing, np.nan, select.key_to_value(prefix))
-        if count.max() <= select.GATHER_MAX:
-            break
+    return select_order_statistics(blocks, ranks, None, split_every=split_every, scheduler=scheduler)[0]
 
-    def gather(i: int) -> tuple[np.ndarray, np.ndarray]:
-        t, p = blocks.read(i)
-        return select.gather_chunk(t, p, J, bits, prefix)
 
-    gathered = dask.compute(*[dask.delayed(gather)(i) for i in range(blocks.n_blocks)], scheduler=scheduler)
-    values = np.concatenate([g[0] for g in gathered])
-    index = np.concatenate([g[1] for g in gathered])
-    order = np.argsort(index, kind="stable")
-    values, index = values[order], index[order]
-    starts = np.searchsorted(index, np.arange(J * R))
-    ends = np.searchsorted(index, np.arange(J * R), side="right")
-    out = np.full((J, R), np.nan)
-    for jr in range(J * R):
-        if not missing.flat[jr]:
-            out.flat[jr] = np.sort(values[starts[jr]:ends[jr]])[rank.flat[jr]]
-    return out
+def _median_ranks(counts: np.ndarray) -> np.ndarray:
+    """(J, 2) ranks of the middle two |e| of each output (-1 for an output with no finite pair)."""
+    n = np.asarray(counts, dtype=np.int64)
+    return np.stack([np.where(n > 0, (n - 1) // 2, -1), np.where(n > 0, n // 2, -1)], axis=1)
 
 
 def median_abs_error(blocks: RowBlocks, counts: np.ndarray, **kwargs: Any) -> np.ndarray:
     """Exact per-output median of |e| with NumPy's ``np.median`` rule (mean of the middle two)."""
-    n = np.asarray(counts, dtype=np.int64)
-    ranks = np.stack([np.where(n > 0, (n - 1) // 2, -1), np.where(n > 0, n // 2, -1)], axis=1)
-    lo_hi = abs_error_order_statistics(blocks, ranks, **kwargs)
+    lo_hi = abs_error_order_statistics(blocks, _median_ranks(counts), **kwargs)
     return (lo_hi[:, 0] + lo_hi[:, 1]) / 2
+
+
+DEFAULT_QUANTILES = (0.5, 0.9, 0.95, 0.99)
+
+
+def check_quantiles(quantiles: Any) -> tuple[float, ...] | None:
+    """Validate ``quantiles=``: None, True (:data:`DEFAULT_QUANTILES`), a number or numbers in [0, 1]."""
+    if quantiles is None or quantiles is False:
+        return None
+    if quantiles is True:
+        return DEFAULT_QUANTILES
+    q = np.asarray(quantiles, dtype=np.float64).reshape(-1)
+    if q.size == 0 or not np.all((q >= 0) & (q <= 1)):
+        raise ValueError(f"quantiles={quantiles!r}; expected numbers in [0, 1] (e.g. (0.5, 0.9, 0.99)).")
+    return tuple(float(x) for x in q)
+
+
+def abs_error_quantiles(
+    blocks: RowBlocks, counts: np.ndarray, quantiles: Iterable[float], *, median: bool = False, **kwargs: Any,
+) -> dict[str, Any]:
+    """Exact quantiles of |e| per output and pooled over all outputs, NumPy's ``method="linear"``.
+
+    Returns ``{"q": [Q floats], "per_output": (Q, J) float64, "pooled": (Q,) float64}``:
+    ``per_output[i, j]`` is bit for bit ``np.quantile(|e|[:, j], q[i])`` over output j's finite pairs
+    and ``pooled[i]`` is ``np.quantile`` of all of them together (NaN where there is none). Every
+    order statistic of every quantile, per output and pooled (and with ``median=True`` the
+    per-output medians, returned as ``"median"`` (J,)), comes from one radix select: at most 4
+    passes over the data, usually 2 or 3, whatever the number of quantiles.
+    """
+    q = np.asarray(tuple(quantiles), dtype=np.float64)
+    n = np.asarray(counts, dtype=np.int64)
+    lo, hi, gamma = select.quantile_ranks(n, q)  # (Q, J)
+    plo, phi, pgamma = select.quantile_ranks(np.int64(n.sum()), q)  # (Q,)
+    Q = q.size
+    ranks = [lo.T, hi.T] + ([_median_ranks(n)] if median else [])
+    per, pool = select_order_statistics(blocks, np.concatenate(ranks, axis=1), np.concatenate([plo, phi]), **kwargs)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out: dict[str, Any] = {
+            "q": [float(x) for x in q],
+            "per_output": select.lerp(per[:, :Q].T, per[:, Q:2 * Q].T, gamma),
+            "pooled": select.lerp(pool[:Q], pool[Q:], pgamma),
+        }
+        if median:
+            out["median"] = (per[:, 2 * Q] + per[:, 2 * Q + 1]) / 2
+    return out
 
 
 def metrics_of(
     blocks: RowBlocks, *, metrics: Iterable[str] | None = None,
     split_every: int = SPLIT_EVERY, scheduler: Any = None, progress: bool = False,
     epoch: int | None = None, split: str | None = None, stored_partials: np.ndarray | None = None,
+    quantiles: Any = None,
 ) -> EpochMetrics:
     """Exact metrics of all blocks: one pass for the partials, more only for order statistics.
 
     ``stored_partials`` (n_blocks, K, J): the blocks' partials computed when they were written; they
     replace the data pass (same merge tree, so the same bits).
+    ``quantiles``: exact quantiles of |e| to add as ``result.quantiles`` (see
+    :func:`abs_error_quantiles`): numbers in [0, 1], or True for :data:`DEFAULT_QUANTILES`. With
+    ``median_absolute_error`` too, both come from the same radix-select passes.
     """
     metrics = resolve_metrics(metrics)  # once: a generator must not be consumed twice
     if stored_partials is not None:
         partials = merge_block_partials(stored_partials, split_every=split_every)
     else:
         partials = compute_partials(blocks, split_every=split_every, scheduler=scheduler, progress=progress)
+    qs = check_quantiles(quantiles)
     order_stats = {}
-    if "median_absolute_error" in order_statistics_needed(metrics):
+    quantile_result = None
+    want_median = "median_absolute_error" in order_statistics_needed(metrics)
+    if qs is not None:
+        # the median's two middle ranks are asked with the quantiles' ranks: one select for all
+        quantile_result = abs_error_quantiles(
+            blocks, partials[N], qs, median=want_median, split_every=split_every, scheduler=scheduler,
+        )
+        if want_median:
+            order_stats["median_absolute_error"] = quantile_result.pop("median")
+    elif want_median:
         order_stats["median_absolute_error"] = median_abs_error(
             blocks, partials[N], split_every=split_every, scheduler=scheduler,
         )
-    return finalize(
+    result = finalize(
         partials, metrics, n_rows=blocks.rows, order_stats=order_stats, epoch=epoch, split=split,
     )
+    result.quantiles = quantile_result
+    return result
 
 
 def compute_arrays(
     y_true: Any, y_pred: Any, metrics: Iterable[str] | None = None, *, chunk_rows: int | None = None,
-    nonfinite: str = "raise", split_every: int = SPLIT_EVERY, scheduler: Any = None,
+    nonfinite: str = "raise", split_every: int = SPLIT_EVERY, scheduler: Any = None, quantiles: Any = None,
 ) -> EpochMetrics:
     """Exact metrics of in-memory arrays with the same kernels and merge tree (no store).
 
     ``chunk_rows`` sets the row blocks (default: about 8 MiB each); the result does not depend on
     it beyond float64 rounding.
+    ``quantiles``: also exact quantiles of |e| in ``result.quantiles`` (see :func:`metrics_of`).
     """
     from oocmetrics.validation import check_batch
 
@@ -305,7 +467,7 @@ def compute_arrays(
         chunk_rows = max(1, (8 << 20) // max(1, t[:1].nbytes))
     return metrics_of(
         RowBlocks(t, p, rows, chunk_rows), metrics=metrics,
-        split_every=split_every, scheduler=scheduler,
+        split_every=split_every, scheduler=scheduler, quantiles=quantiles,
     )
 
 

@@ -203,6 +203,10 @@ class EpochMetrics(Mapping):
     epoch: int | None = None
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    quantiles: dict[str, Any] | None = None
+    """Exact quantiles of |e| when asked for (``quantiles=``), else None: ``{"q": [Q floats],
+    "per_output": (Q, J) float64 array, "pooled": (Q,) float64 array}``, NumPy's ``method="linear"``
+    (``per_output[i, j] == np.quantile(|e|[:, j], q[i])``, ``pooled[i]`` over all outputs' values)."""
 
     def __getitem__(self, name: str) -> float:
         try:
@@ -223,7 +227,8 @@ class EpochMetrics(Mapping):
         if isinstance(other, EpochMetrics):
             return all(
                 _values_equal(getattr(self, f), getattr(other, f))
-                for f in ("overall", "per_output", "n_rows", "n_values", "n_skipped", "epoch", "split", "extra")
+                for f in ("overall", "per_output", "n_rows", "n_values", "n_skipped", "epoch", "split", "extra",
+                          "quantiles")
             )
         if isinstance(other, Mapping):
             return _values_equal(dict(self.overall), dict(other.items()))
@@ -242,6 +247,7 @@ class EpochMetrics(Mapping):
             epoch=self.epoch,
             split=self.split,
             extra=_copy.deepcopy(self.extra),
+            quantiles=_copy.deepcopy(self.quantiles),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,7 +257,7 @@ class EpochMetrics(Mapping):
         y_pred beyond float64's range) become the strings ``"inf"`` / ``"-inf"``; ``float(s)`` reads
         them back.
         """
-        return {
+        out = {
             "epoch": self.epoch,
             "split": self.split,
             "n_rows": self.n_rows,
@@ -261,6 +267,13 @@ class EpochMetrics(Mapping):
             "per_output": {k: [_json_float(x) for x in np.asarray(v).tolist()] for k, v in self.per_output.items()},
             **self.extra,
         }
+        if self.quantiles is not None:  # {"q": [...], "per_output": [[J values] per q], "pooled": [...]}
+            out["quantiles"] = {
+                "q": [float(x) for x in self.quantiles["q"]],
+                "per_output": [[_json_float(x) for x in row] for row in np.asarray(self.quantiles["per_output"]).tolist()],
+                "pooled": [_json_float(x) for x in np.asarray(self.quantiles["pooled"]).tolist()],
+            }
+        return out
 
     def __repr__(self) -> str:
         vals = ", ".join(f"{k}={v:.6g}" for k, v in self.overall.items())

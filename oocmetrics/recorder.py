@@ -26,7 +26,7 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
-from oocmetrics.compute import SPLIT_EVERY, Source, block_partials, compute_store_arrays
+from oocmetrics.compute import SPLIT_EVERY, Source, block_partials, check_quantiles, compute_store_arrays
 from oocmetrics.errors import StoreError, WriterError
 from oocmetrics.lock import SplitLock
 from oocmetrics.kernels.moments import FIELDS
@@ -135,6 +135,7 @@ class Recorder:
         scheduler: Any = None,
         split_every: int = SPLIT_EVERY,
         progress: bool = False,
+        quantiles: Any = None,
     ) -> None:
         self._closed = True  # until the lock is held: close()/__del__ then have nothing to undo
         check_split_name(split)
@@ -157,6 +158,7 @@ class Recorder:
         if not lock_timeout >= 0:
             raise ValueError(f"lock_timeout={lock_timeout!r}; expected seconds >= 0.")
         self.metrics = resolve_metrics(metrics)
+        self.quantiles = check_quantiles(quantiles)
         self.path = Path(path)
         self.split = split
         self.nonfinite: NonFinite = nonfinite
@@ -220,7 +222,7 @@ class Recorder:
         self._chunk_rows = 0
         self._pos = _Pos()
         self._sealed_rows = 0  # rows covered by the last flush of a partial chunk
-        self._cached: tuple[tuple[int, str], EpochMetrics] | None = None
+        self._cached: tuple[tuple[Any, ...], EpochMetrics] | None = None
 
     @property
     def rows(self) -> int:
@@ -405,14 +407,17 @@ class Recorder:
                 for b in taken:
                     writer.release(b)
 
-    def compute(self, source: Source = "auto") -> EpochMetrics:
+    def compute(self, source: Source = "auto", quantiles: Any = None) -> EpochMetrics:
         """Exact metrics over every row recorded in the current epoch (flushes to disk first).
 
         The decomposable metrics merge the partials the writer computed as each chunk was written
         (``source="auto"``: no pass over the data); ``source="data"`` recomputes them from the stored
         data, bit for bit the same. Order statistics always read the data.
+        ``quantiles``: exact quantiles of |e| in ``result.quantiles`` (numbers in [0, 1], or True for
+        (0.5, 0.9, 0.95, 0.99)); None uses the Recorder's ``quantiles=`` (default: none).
         Returns a new object each call: changing it does not change later results.
         """
+        qs = check_quantiles(quantiles) if quantiles is not None else self.quantiles
         self._enter("compute")
         try:
             if self._pos.rows == 0:
@@ -421,7 +426,7 @@ class Recorder:
                     f"update(y_true, y_pred) at least once before compute(). Stored epochs: "
                     f"oocmetrics.compute_stored({str(self.path)!r}, {self.split!r}, epoch=...)."
                 )
-            if self._cached is not None and self._cached[0] == (self._pos.rows, source):
+            if self._cached is not None and self._cached[0] == (self._pos.rows, source, qs):
                 return copy.deepcopy(self._cached[1])
             self._flush()
             writer = self._writer
@@ -433,13 +438,13 @@ class Recorder:
                 result = compute_store_arrays(
                     store.arrays["y_true"], store.arrays["y_pred"], self._pos.rows, buffers=idle,
                     partials=store.partials, source=source, metrics=self.metrics, split_every=self.split_every, scheduler=self.scheduler,
-                    progress=self.progress, epoch=self.epoch, split=self.split,
+                    progress=self.progress, epoch=self.epoch, split=self.split, quantiles=qs,
                 )
             finally:
                 for pair in idle:
                     writer.release(pair)
             result.extra["batches"] = self._pos.batches
-            self._cached = ((self._pos.rows, source), result)
+            self._cached = ((self._pos.rows, source, qs), result)
             return copy.deepcopy(result)
         finally:
             self._busy.release()

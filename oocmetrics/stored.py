@@ -33,13 +33,14 @@ def splits(root: Path) -> list[str]:
 
 def compute_stored(
     path: str | Path, split: str, epoch: int | None = None, *, metrics: Sequence[str] | None = None,
-    progress: bool = False, scheduler: object = None, source: Source = "auto",
+    progress: bool = False, scheduler: object = None, source: Source = "auto", quantiles: object = None,
 ) -> EpochMetrics:
     """Exact metrics over the durable rows of a stored epoch (default: the last) of ``split``.
 
     Takes no lock: it works while a recorder writes the split, and on the store of a crashed run.
     ``source``: "auto" merges the partials stored with each chunk when they cover the durable rows,
     else reads the data; "data" always recomputes from the data (the same bits); "partials" requires them.
+    ``quantiles``: also exact quantiles of |e| (per output and pooled) in ``result.quantiles``.
     """
     metrics = resolve_metrics(metrics)
     d = split_dir(path, split)
@@ -56,7 +57,7 @@ def compute_stored(
         raise StoreError(f"Epoch {epoch} of split {split!r} in {path} has no durable rows.")
     result = compute_store_arrays(
         y_true, y_pred, info.rows, partials=open_epoch_partials(info), source=source, metrics=metrics,
-        progress=progress, scheduler=scheduler, epoch=epoch, split=split,
+        progress=progress, scheduler=scheduler, epoch=epoch, split=split, quantiles=quantiles,
     )
     result.extra.update({"batches": info.batches, "complete": info.complete})
     return result
