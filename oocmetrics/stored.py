@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from oocmetrics.compute import Source, compute_store_arrays
 from oocmetrics.errors import StoreError
 from oocmetrics.metrics import EpochMetrics, resolve_metrics
 from oocmetrics.store import (
-    META, check_split_name, open_epoch_arrays, open_epoch_partials, open_root, read_json, scan_split,
+    META, EpochInfo, check_split_name, open_epoch_arrays, open_epoch_partials, open_root, read_json, scan_split,
 )
 
-__all__ = ["compute_stored", "split_dir", "splits"]
+__all__ = ["compute_stored", "open_stored_epoch", "split_dir", "splits"]
 
 
 def split_dir(path: str | Path, split: str) -> Path:
@@ -31,6 +31,25 @@ def splits(root: Path) -> list[str]:
                   if e.is_dir() and e.name != META and (e / "zarr.json").exists())
 
 
+def open_stored_epoch(path: str | Path, split: str, epoch: int | None = None) -> tuple[Any, Any, EpochInfo]:
+    """(y_true, y_pred, info) of a stored epoch (default: the last) for reading ``info.rows`` rows.
+
+    A damaged epoch is a StoreError naming its file, also when it is the last one: never a silent
+    fall-back to an older epoch.
+    """
+    d = split_dir(path, split)
+    stored, bad = scan_split(d)
+    damaged = {int(name.split("=", 1)[1]): why for name, why in bad.items()}
+    if not stored and not damaged:
+        raise StoreError(f"Split {split!r} in {path} holds no epochs.")
+    if epoch is None:
+        epoch = max([*stored, *damaged])
+    epoch = int(epoch)
+    if epoch in damaged:
+        raise StoreError(f"Epoch {epoch} of split {split!r} in {path} cannot be read: {damaged[epoch]}")
+    return open_epoch_arrays(d, epoch)
+
+
 def compute_stored(
     path: str | Path, split: str, epoch: int | None = None, *, metrics: Sequence[str] | None = None,
     progress: bool = False, scheduler: object = None, source: Source = "auto", quantiles: object = None,
@@ -43,16 +62,8 @@ def compute_stored(
     ``quantiles``: also exact quantiles of |e| (per output and pooled) in ``result.quantiles``.
     """
     metrics = resolve_metrics(metrics)
-    d = split_dir(path, split)
-    stored, bad = scan_split(d)
-    damaged = {int(name.split("=", 1)[1]): why for name, why in bad.items()}
-    if not stored and not damaged:
-        raise StoreError(f"Split {split!r} in {path} holds no epochs.")
-    if epoch is None:  # the last epoch; a damaged last one is an error, never a silent older result
-        epoch = max([*stored, *damaged])
-    if epoch in damaged:
-        raise StoreError(f"Epoch {epoch} of split {split!r} in {path} cannot be read: {damaged[epoch]}")
-    y_true, y_pred, info = open_epoch_arrays(d, epoch)
+    y_true, y_pred, info = open_stored_epoch(path, split, epoch)
+    epoch = info.epoch
     if info.rows == 0:
         raise StoreError(f"Epoch {epoch} of split {split!r} in {path} has no durable rows.")
     result = compute_store_arrays(

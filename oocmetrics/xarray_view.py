@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from oocmetrics.errors import StoreError
-from oocmetrics.store import ARRAYS, _attrs, _dimension_names, open_epoch_arrays, scan_split
-from oocmetrics.stored import split_dir
+from oocmetrics.store import ARRAYS, _attrs, _dimension_names
+from oocmetrics.stored import open_stored_epoch
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray
@@ -58,17 +58,8 @@ def open_epoch(path: str | Path, split: str, epoch: int | None = None) -> "xarra
 
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0):
         raise ValueError(f"epoch={epoch!r}; expected an int >= 0, or None for the last stored epoch.")
-    d = split_dir(path, split)
-    stored, bad = scan_split(d)
-    damaged = {int(name.split("=", 1)[1]): why for name, why in bad.items()}
-    if not stored and not damaged:
-        raise StoreError(f"Split {split!r} in {path} holds no epochs.")
-    if epoch is None:  # the last epoch; a damaged last one is an error, never a silent older view
-        epoch = max([*stored, *damaged])
-    epoch = int(epoch)
-    if epoch in damaged:
-        raise StoreError(f"Epoch {epoch} of split {split!r} in {path} cannot be read: {damaged[epoch]}")
-    y_true, y_pred, info = open_epoch_arrays(d, epoch)
+    y_true, y_pred, info = open_stored_epoch(path, split, epoch)
+    epoch = info.epoch
 
     rows = info.rows
     data_vars = {}
