@@ -112,6 +112,9 @@ class Recorder:
         scheduler: dask scheduler for ``compute`` (None: local threads; or a distributed Client).
         split_every: fan-in of the dask tree reduction.
         progress: show a dask progress bar during long ``compute`` calls.
+        quantiles: exact quantiles of |y_true - y_pred| that every ``compute`` adds to
+            ``result.quantiles`` (per output and pooled; True: 0.5, 0.9, 0.95, 0.99). They cost 2-3
+            passes over the stored data; None (default) computes none.
 
     One thread at a time: a second thread calling in while one is inside raises RuntimeError.
     """
@@ -437,8 +440,9 @@ class Recorder:
             try:
                 result = compute_store_arrays(
                     store.arrays["y_true"], store.arrays["y_pred"], self._pos.rows, buffers=idle,
-                    partials=store.partials, source=source, metrics=self.metrics, split_every=self.split_every, scheduler=self.scheduler,
-                    progress=self.progress, epoch=self.epoch, split=self.split, quantiles=qs,
+                    partials=store.partials, source=source, metrics=self.metrics, quantiles=qs,
+                    split_every=self.split_every, scheduler=self.scheduler, progress=self.progress,
+                    epoch=self.epoch, split=self.split,
                 )
             finally:
                 for pair in idle:
