@@ -25,6 +25,7 @@ from oocmetrics.kernels.moments import (
     K, N, SKIPPED, chunk_partials, empty_partials, n_outputs, tree_combine,
 )
 from oocmetrics.metrics import EpochMetrics, finalize, order_statistics_needed, resolve_metrics
+from oocmetrics.store import chunk_key
 
 SPLIT_EVERY = 8
 _BORROW_LOCK = threading.Lock()
@@ -101,7 +102,7 @@ class RowBlocks:
                 or getattr(getattr(codecs[0], "endian", None), "value", None) != "little"
                 or not view.flags.c_contiguous or not view.dtype.str.startswith("<") or lo % self.block_rows):
             return False
-        key = meta.encode_chunk_key((lo // self.block_rows,) + (0,) * (arr.ndim - 1))
+        key = chunk_key(arr, lo // self.block_rows)
         try:
             with open(f"{root}/{arr.path}/{key}" if arr.path else f"{root}/{key}", "rb", buffering=0) as f:
                 mv = memoryview(view).cast("B")

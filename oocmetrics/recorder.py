@@ -33,9 +33,9 @@ from oocmetrics.kernels.moments import FIELDS
 from oocmetrics.metrics import EpochMetrics, resolve_metrics
 from oocmetrics.store import (
     ChunkWriter, EpochSpec, EpochStore, Job, check_split_name, describe_oserror, ensure_split, epoch_name,
-    meta_dir, open_root, recover_split, remove_epochs, scan_split,
+    list_epochs, meta_dir, open_root, recover_split, remove_epochs, scan_split,
 )
-from oocmetrics.validation import NonFinite, check_batch, store_dtype
+from oocmetrics.validation import NonFinite, check_batch, check_epoch_number, store_dtype
 
 Mode = Literal["create", "overwrite", "resume"]
 _MB = 1 << 20
@@ -147,7 +147,7 @@ class Recorder:
         if mode not in ("create", "overwrite", "resume"):
             raise ValueError(f"mode={mode!r}; expected 'create', 'overwrite' or 'resume'.")
         if epoch is not None:
-            _check_epoch_number(epoch)
+            check_epoch_number(epoch)
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"chunk_rows={chunk_rows!r}; expected a positive int, or None to use chunk_mb.")
         if not chunk_mb > 0:
@@ -462,7 +462,7 @@ class Recorder:
         self._enter("reset")
         try:
             if epoch is not None:
-                _check_epoch_number(epoch)
+                check_epoch_number(epoch)
                 floor = self._last_finished if self._pos.rows == 0 else self.epoch
                 if floor is not None and epoch <= floor:
                     raise ValueError(
@@ -513,19 +513,14 @@ class Recorder:
         self._enter("close")
         try:
             if self._pos.rows > 0:
-                self._finish(closing=True)
-            elif self._writer is not None:
-                self._writer.close()
-            self._writer = None
-            self._spare = []
-            self._lock.release()
-            self._closed = True
+                self._finish()
+            self._release()
         finally:
             self._busy.release()
 
     def stored_epochs(self) -> list[int]:
         """Epoch numbers of this split on disk."""
-        return list(scan_split(self._split_dir)[0])
+        return list_epochs(self._split_dir)
 
     def __enter__(self) -> "Recorder":
         return self
@@ -549,12 +544,16 @@ class Recorder:
                 f"{exc_type.__name__}: {flush_exc}; rows written before it are durable.", stacklevel=3,
             )
         finally:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-            self._spare = []
-            self._lock.release()
-            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        """Stop the writer (if any), drop the buffers and the split's lock: the recorder is closed."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._spare = []
+        self._lock.release()
+        self._closed = True
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"epoch {self.epoch}, {self.rows} rows, {self.batches} batches"
@@ -575,7 +574,7 @@ class Recorder:
         writer.wait()
         self._raise_writer_error()
 
-    def _finish(self, *, closing: bool = False) -> None:
+    def _finish(self) -> None:
         """Flush, mark complete, stop the writer, apply retention. On failure nothing changes."""
         writer = self._writer
         assert writer is not None
@@ -592,7 +591,3 @@ class Recorder:
             stored = [e for e in scan_split(self._split_dir)[0] if e <= self.epoch]
             self._retain(stored, max(self.keep_epochs, 1))
 
-
-def _check_epoch_number(epoch: Any) -> None:
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-        raise ValueError(f"epoch={epoch!r}; expected an int >= 0.")

@@ -233,9 +233,7 @@ def open_epoch_partials(info: EpochInfo) -> zarr.Array | None:
     try:
         read_json(info.path / PARTIALS / "zarr.json")
         return zarr.open_array(str(info.path / PARTIALS), mode="r")
-    except FileNotFoundError:
-        return None
-    except Exception:  # damaged partials: the data are still there to compute from
+    except Exception:  # missing or damaged: the data are still there to compute from
         return None
 
 
@@ -403,9 +401,8 @@ class EpochStore:
             )
 
     def _chunk_files(self, index: int) -> list[Path]:
-        key = "/".join(["c", str(index)] + ["0"] * len(self.spec.trailing))
-        files = [self.path / name / key for name in ARRAYS]
-        return files + ([self.path / PARTIALS / f"c/{index}/0/0"] if self.partials is not None else [])
+        arrays = {**self.arrays, **({PARTIALS: self.partials} if self.partials is not None else {})}
+        return [self.path / name / chunk_key(arr, index) for name, arr in arrays.items()]
 
     def write_chunk(
         self, index: int, t: np.ndarray, p: np.ndarray, n: int, *, batches: int, partials: np.ndarray | None = None,
@@ -444,6 +441,11 @@ class EpochStore:
         if self.spec.fsync:
             _fsync_path(self.path / "zarr.json")
             _fsync_path(self.path)
+
+
+def chunk_key(arr: zarr.Array, index: int) -> str:
+    """The store key of row-chunk ``index`` of an array chunked along rows only (e.g. ``c/3/0/0``)."""
+    return arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
 
 
 def describe_oserror(exc: BaseException) -> str:

@@ -15,6 +15,13 @@ NonFinite = Literal["raise", "skip"]
 _FLOATS = (np.float16, np.float32, np.float64)
 
 
+def check_epoch_number(epoch: Any) -> int:
+    """An epoch number: an int >= 0 (a ValueError naming the value otherwise)."""
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        raise ValueError(f"epoch={epoch!r}; expected an int >= 0.")
+    return int(epoch)
+
+
 def store_dtype(dtype: np.dtype) -> np.dtype:
     """How a batch dtype is stored: float64 stays float64, every narrower float becomes float32."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)

@@ -13,11 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from oocmetrics.errors import StoreError
 from oocmetrics.store import ARRAYS, _attrs, _dimension_names
 from oocmetrics.stored import open_stored_epoch
+from oocmetrics.validation import check_epoch_number
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray
@@ -56,8 +55,8 @@ def open_epoch(path: str | Path, split: str, epoch: int | None = None) -> "xarra
     import dask.array as da
     from dask.base import tokenize
 
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0):
-        raise ValueError(f"epoch={epoch!r}; expected an int >= 0, or None for the last stored epoch.")
+    if epoch is not None:
+        check_epoch_number(epoch)
     y_true, y_pred, info = open_stored_epoch(path, split, epoch)
     epoch = info.epoch
 
