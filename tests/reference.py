@@ -52,3 +52,23 @@ def assert_matches(result, y_true, y_pred, *, rtol: float = 1e-9, atol: float = 
         np.testing.assert_allclose(result.overall[name], ref, rtol=rtol, atol=atol, err_msg=name)
     for name, ref in per.items():
         np.testing.assert_allclose(result.per_output[name], ref, rtol=rtol, atol=atol, err_msg=name)
+
+
+def exact_sums(t, p) -> dict:
+    """One output's sums in exact rational arithmetic (``fractions.Fraction``): n, sse, sst (of t),
+    spp (of p), cov (t, p) and see (of the centred error), for references that round only at the end."""
+    from fractions import Fraction
+
+    tt = [Fraction(float(v)) for v in t]
+    pp = [Fraction(float(v)) for v in p]
+    n = len(tt)
+    e = [a - b for a, b in zip(tt, pp)]
+    mt, mp, me = sum(tt) / n, sum(pp) / n, sum(e) / n
+    return {
+        "n": n,
+        "sse": sum(x * x for x in e),
+        "sst": sum((a - mt) ** 2 for a in tt),
+        "spp": sum((b - mp) ** 2 for b in pp),
+        "cov": sum((a - mt) * (b - mp) for a, b in zip(tt, pp)),
+        "see": sum((x - me) ** 2 for x in e),
+    }

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import oocmetrics
 from oocmetrics.kernels import moments
-from reference import as_2d
+from reference import as_2d, exact_sums
 
 ERROR_METRICS = ("mse", "mae", "max_error")
 SCORE_METRICS = ("r2", "explained_variance", "pearson_r")
@@ -41,19 +41,11 @@ def fsum_errors(T: np.ndarray, P: np.ndarray) -> dict[str, np.ndarray]:
 
 def exact_scores(t: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """r2, explained_variance, pearson_r of one output in exact rational arithmetic (then rounded)."""
-    tt = [Fraction(float(v)) for v in t]
-    pp = [Fraction(float(v)) for v in p]
-    n = len(tt)
-    e = [a - b for a, b in zip(tt, pp)]
-    mt, mp, me = sum(tt) / n, sum(pp) / n, sum(e) / n
-    sst = sum((a - mt) ** 2 for a in tt)
-    spp = sum((b - mp) ** 2 for b in pp)
-    cov = sum((a - mt) * (b - mp) for a, b in zip(tt, pp))
-    sse = sum(x * x for x in e)
+    s = exact_sums(t, p)
     return {
-        "r2": float(1 - sse / sst),
-        "explained_variance": float(1 - sum((x - me) ** 2 for x in e) / sst),
-        "pearson_r": float(cov) / (math.sqrt(float(sst)) * math.sqrt(float(spp))),
+        "r2": float(1 - s["sse"] / s["sst"]),
+        "explained_variance": float(1 - s["see"] / s["sst"]),
+        "pearson_r": float(s["cov"]) / (math.sqrt(float(s["sst"])) * math.sqrt(float(s["spp"]))),
     }
 
 
@@ -198,17 +190,9 @@ def test_merging_halves_equals_exact_rationals():
     p = t + 3e-4 * rng.standard_normal(t.shape) + 1e-4
     merged = moments.combine(moments.chunk_partials(t[:137], p[:137]), moments.chunk_partials(t[137:], p[137:]))
     tree = moments.tree_combine(np.stack([moments.chunk_partials(t[i:i + 1], p[i:i + 1]) for i in range(400)]))
-    tt = [Fraction(float(v)) for v in t]
-    pp = [Fraction(float(v)) for v in p]
-    mt, mp = sum(tt) / 400, sum(pp) / 400
-    exact = {
-        moments.M2_T: float(sum((a - mt) ** 2 for a in tt)),
-        moments.M2_P: float(sum((b - mp) ** 2 for b in pp)),
-        moments.C_TP: float(sum((a - mt) * (b - mp) for a, b in zip(tt, pp))),
-    }
-    e = [a - b for a, b in zip(tt, pp)]
-    me = sum(e) / 400
-    exact[moments.M2_E] = float(sum((x - me) ** 2 for x in e))
+    s = exact_sums(t, p)
+    exact = {moments.M2_T: float(s["sst"]), moments.M2_P: float(s["spp"]), moments.C_TP: float(s["cov"]),
+             moments.M2_E: float(s["see"])}
     for P in (merged, tree):
         for f, v in exact.items():
             assert P[f, 0] == pytest.approx(v, rel=1e-13, abs=0), moments.FIELDS[f]

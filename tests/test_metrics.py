@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import oocmetrics
 from oocmetrics.kernels import moments
-from reference import as_2d, assert_matches, reference
+from reference import as_2d, assert_matches, exact_sums, reference
 
 
 def _pair(rng, shape, *, offset=0.0, scale=1.0, noise=0.3, dtype=np.float32):
@@ -76,20 +76,12 @@ def test_exact_rational_reference_on_ill_conditioned_data():
     res = oocmetrics.compute_arrays(t, p, chunk_rows=1, split_every=2)
     T, P = as_2d(t), as_2d(p)
     for j in range(2):
-        tt = [Fraction(v) for v in T[:, j]]
-        pp = [Fraction(v) for v in P[:, j]]
-        n = len(tt)
-        e = [a - b for a, b in zip(tt, pp)]
-        mt, mp, me = sum(tt) / n, sum(pp) / n, sum(e) / n
-        sst = sum((a - mt) ** 2 for a in tt)
-        spp = sum((b - mp) ** 2 for b in pp)
-        cov = sum((a - mt) * (b - mp) for a, b in zip(tt, pp))
-        sse = sum(x * x for x in e)
+        s = exact_sums(T[:, j], P[:, j])
         exact = {
-            "mse": sse / n,
-            "r2": 1 - sse / sst,
-            "explained_variance": 1 - sum((x - me) ** 2 for x in e) / sst,
-            "pearson_r": cov / (Fraction(math.sqrt(sst * spp))),
+            "mse": s["sse"] / s["n"],
+            "r2": 1 - s["sse"] / s["sst"],
+            "explained_variance": 1 - s["see"] / s["sst"],
+            "pearson_r": s["cov"] / (Fraction(math.sqrt(s["sst"] * s["spp"]))),
         }
         for name, v in exact.items():
             assert res.per_output[name][j] == pytest.approx(float(v), rel=1e-13), name

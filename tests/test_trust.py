@@ -704,6 +704,20 @@ def _enospc() -> OSError:
     return OSError(errno.ENOSPC, "No space left on device")
 
 
+def _fail_while(monkeypatch, method: str) -> dict:
+    """Make ``EpochStore.<method>`` raise ENOSPC while the returned ``state["fail"]`` is True."""
+    state = {"fail": False}
+    real = getattr(store_mod.EpochStore, method)
+
+    def flaky(self, *args, **kwargs):
+        if state["fail"]:
+            raise _enospc()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(store_mod.EpochStore, method, flaky)
+    return state
+
+
 @pytest.mark.parametrize("where", ["create", "build"])
 def test_full_disk_when_the_epoch_is_created(tmp_path, monkeypatch, where):
     path = tmp_path / "r"
@@ -754,15 +768,7 @@ def test_full_disk_when_the_epoch_is_created(tmp_path, monkeypatch, where):
 
 def test_full_disk_when_reset_marks_the_epoch_complete(tmp_path, monkeypatch):
     path = tmp_path / "r"
-    state = {"fail": False}
-    real = store_mod.EpochStore.mark_complete
-
-    def flaky(self, *args, **kwargs):
-        if state["fail"]:
-            raise _enospc()
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(store_mod.EpochStore, "mark_complete", flaky)
+    state = _fail_while(monkeypatch, "mark_complete")
     b0, b1 = epoch_batches(0), epoch_batches(1)
     rec = oocmetrics.Recorder(path, "val", chunk_rows=4, keep_epochs=None)
     try:
@@ -802,15 +808,7 @@ def test_full_disk_when_reset_marks_the_epoch_complete(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fault", ["write_chunk", "mark_complete"])
 def test_close_failing_keeps_the_recorder_open_until_retry(tmp_path, monkeypatch, fault):
     path = tmp_path / "r"
-    state = {"fail": False}
-    real = getattr(store_mod.EpochStore, fault)
-
-    def flaky(self, *args, **kwargs):
-        if state["fail"]:
-            raise _enospc()
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(store_mod.EpochStore, fault, flaky)
+    state = _fail_while(monkeypatch, fault)
     first = epoch_batches(0, n_batches=1, rows=3)
     rest = epoch_batches(1, n_batches=1, rows=30)  # one batch spanning 8 chunks of 4
     rec = oocmetrics.Recorder(path, "val", chunk_rows=4, queue_chunks=2)
@@ -851,15 +849,7 @@ def test_writer_error_message_counts_match_the_recorder_and_the_disk(tmp_path, m
     """(5, 15): the durable rows end in a sealed partial chunk; (3, 8): the failed batch leaves 2 rows
     in the chunk buffer, never submitted (they are held too)."""
     path = tmp_path / "r"
-    state = {"fail": False}
-    real = store_mod.EpochStore.write_chunk
-
-    def flaky(self, *args, **kwargs):
-        if state["fail"]:
-            raise _enospc()
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(store_mod.EpochStore, "write_chunk", flaky)
+    state = _fail_while(monkeypatch, "write_chunk")
     base = epoch_batches(0, n_batches=2, rows=base_rows)
     failing = epoch_batches(1, n_batches=1, rows=failing_rows)
     last = epoch_batches(2, n_batches=1, rows=5)
