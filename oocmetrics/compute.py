@@ -1,11 +1,12 @@
 """Epoch-end reduction: one dask pass over the stored chunks for every decomposable metric.
 
-Each task reads one row block (one stored chunk) of y_true and y_pred *inside the task* and reduces
-it at once with the numba kernel (which releases the GIL, so threads run in parallel): no chunk data
-ever waits in the scheduler between tasks, so memory is a few chunks whatever the epoch size.
-Partials then merge in dask's tree reduction over block index (``split_every`` at a time, pairwise
-within each group): a fixed order, so results do not depend on the number of threads or workers.
-Exact order statistics (``median_absolute_error``) take more passes of the same shape.
+Each task reads its row blocks (whole stored chunks) of y_true and y_pred *inside the task*, one at a
+time, and reduces each at once with the numba kernel (which releases the GIL, so threads run in
+parallel): no chunk data ever waits in the scheduler between tasks, so memory is a few chunks
+whatever the epoch size. Partials merge in one fixed tree over block index (:func:`merge_tree`:
+``split_every`` at a time, pairwise within each group); a task does the tree's first level, so
+results do not depend on the scheduler or on the number of threads, processes or workers.
+Exact order statistics (``median_absolute_error``, quantiles) take more passes of the same shape.
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import uuid
 from typing import Any, Iterable, Literal
 
 import dask
-import dask.array as da
 import numpy as np
 import zarr
 from zarr.buffer.cpu import NDBuffer
 
+from oocmetrics.exchange import Exchange
 from oocmetrics.kernels import select
 from oocmetrics.kernels.moments import (
     K, N, SKIPPED, chunk_partials, empty_partials, n_outputs, tree_combine,
@@ -28,6 +29,7 @@ from oocmetrics.metrics import EpochMetrics, finalize, order_statistics_needed, 
 from oocmetrics.store import chunk_key
 
 SPLIT_EVERY = 8
+LOCAL = Exchange()  # one process: nothing to exchange
 _BORROW_LOCK = threading.Lock()
 
 
@@ -40,7 +42,7 @@ class RowBlocks:
 
     def __init__(
         self, y_true: Any, y_pred: Any, rows: int, block_rows: int,
-        buffers: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        buffers: list[tuple[np.ndarray, ...]] | None = None, drop: dict[int, np.ndarray] | None = None,
     ) -> None:
         # Only the first ``rows`` rows are read: arrays of a run that stopped mid-write may be longer.
         if tuple(y_true.shape[1:]) != tuple(y_pred.shape[1:]):
@@ -60,6 +62,9 @@ class RowBlocks:
         # Idle (y_true, y_pred) buffer pairs lent by the caller (a Recorder's chunk buffers): each
         # thread borrows one for its reads instead of allocating two more chunks.
         self._lent = list(buffers or [])
+        # Rows left out of every metric (duplicate sample ids): block -> row offsets within the block.
+        self.drop = {int(i): np.asarray(r, np.int64) for i, r in (drop or {}).items() if len(r)}
+        self.kept_rows = self.rows - sum(r.size for r in self.drop.values())
 
     def __dask_tokenize__(self) -> str:
         return self._token
@@ -127,36 +132,38 @@ class RowBlocks:
                     return buf
         return np.empty(shape, dtype=arr.dtype)
 
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Block i of both arrays as (values, n_outputs) NumPy arrays (valid until the next read)."""
+    def read(self, i: int, *, rows: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Block i of both arrays as (values, n_outputs) NumPy arrays (valid until the next read),
+        without its dropped rows; ``rows=True``: every row, in the stored shape (rows, *trailing)."""
         lo = i * self.block_rows
         hi = min(self.rows, lo + self.block_rows)
         J = self.n_outputs
         t = self._read(self.y_true, "t", lo, hi)
         p = self._read(self.y_pred, "p", lo, hi)
+        if rows:
+            return t, p
+        gone = self.drop.get(i)
+        if gone is not None:  # a copy of one block, only for the few blocks holding duplicates
+            t, p = np.delete(t, gone, axis=0), np.delete(p, gone, axis=0)
         return t.reshape(-1, J), p.reshape(-1, J)
 
 
-def _per_block(blocks: RowBlocks, fn: Any, out_chunks: tuple[tuple[int, ...], ...], dtype: Any, *args: Any) -> da.Array:
-    """A dask array stacking ``fn(t, p, *args)[None]`` over the blocks: one task per block."""
-    index = da.arange(blocks.n_blocks, chunks=1)
+class ShardBlocks:
+    """The row blocks of several shards (DDP ranks' stores) one after another, read like one RowBlocks."""
 
-    def task(i: np.ndarray) -> np.ndarray:
-        t, p = blocks.read(int(i[0]))
-        return fn(t, p, *args)[None]
+    def __init__(self, parts: list[RowBlocks]) -> None:
+        if not parts:
+            raise ValueError("no shards to read")
+        self.parts = parts
+        self.n_outputs = parts[0].n_outputs
+        self.rows = sum(b.rows for b in parts)
+        self.kept_rows = sum(b.kept_rows for b in parts)
+        self._starts = np.cumsum([0] + [b.n_blocks for b in parts])
+        self.n_blocks = int(self._starts[-1])
 
-    return da.map_blocks(
-        task, index, new_axis=list(range(1, 1 + len(out_chunks))), chunks=((1,) * blocks.n_blocks, *out_chunks),
-        dtype=dtype, meta=np.empty((0,) * (1 + len(out_chunks)), dtype=dtype),
-    )
-
-
-def _combine(x: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    return tree_combine(x)[None]
-
-
-def _identity(x: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    return x
+    def read(self, i: int, *, rows: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self.parts[k].read(i - int(self._starts[k]), rows=rows)
 
 
 def block_partials(t: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -166,47 +173,69 @@ def block_partials(t: np.ndarray, p: np.ndarray) -> np.ndarray:
     same bits the data pass would compute, so merging stored partials equals a recompute bit for bit.
     """
     J = n_outputs(tuple(t.shape))
+    if t.size == 0:
+        return empty_partials(J)
     return chunk_partials(t.reshape(-1, J), p.reshape(-1, J))
 
 
-def _merge_tree(parts: da.Array, split_every: int) -> da.Array:
-    """The one fixed merge tree over per-block partials (n, K, J) with one block per dask chunk."""
-    return da.reduction(
-        parts, chunk=_identity, combine=_combine, aggregate=_combine, axis=0, keepdims=True,
-        dtype=np.float64, split_every=split_every, concatenate=True,
-        meta=np.empty((0, 0, 0), dtype=np.float64),
-    )
+def merge_tree(stack: np.ndarray, split_every: int = SPLIT_EVERY) -> np.ndarray:
+    """Merge per-block partials (n, K, J) in THE fixed tree: groups of ``split_every`` consecutive
+    blocks (each merged pairwise by :func:`tree_combine`), then groups of those, up to one.
 
-
-def partials_graph(blocks: RowBlocks, *, split_every: int = SPLIT_EVERY) -> da.Array:
-    """Lazy (1, K, J) merged partials of all blocks; see :func:`~oocmetrics.kernels.chunk_partials`."""
-    J = blocks.n_outputs
-    return _merge_tree(_per_block(blocks, chunk_partials, ((K,), (J,)), np.float64), split_every)
-
-
-def merge_block_partials(stack: np.ndarray, *, split_every: int = SPLIT_EVERY) -> np.ndarray:
-    """Merged (K, J) of per-block partials stacked (n, K, J): the same tree as the data pass."""
+    Every path (stored partials, a data pass with any grouping of tasks, any scheduler, threads or
+    workers) uses this tree, so they agree bit for bit.
+    """
     if stack.shape[0] == 0:
         return empty_partials(stack.shape[2])
-    parts = da.from_array(np.ascontiguousarray(stack, dtype=np.float64), chunks=(1, *stack.shape[1:]))
-    return np.asarray(_merge_tree(parts, split_every).compute(scheduler="sync"))[0]
+    level = np.ascontiguousarray(stack, dtype=np.float64)
+    while level.shape[0] > 1:
+        level = np.stack([tree_combine(level[i:i + split_every]) for i in range(0, level.shape[0], split_every)])
+    return level[0].copy()
+
+
+def _group_partials(blocks: Any, first: int, last: int, replaced: dict[int, np.ndarray]) -> np.ndarray:
+    """First level of the merge tree for blocks [first, last): each block's partials, merged."""
+    stack = np.empty((last - first, K, blocks.n_outputs))
+    for i in range(first, last):
+        if i in replaced:
+            stack[i - first] = replaced[i]
+        else:
+            t, p = blocks.read(i)
+            stack[i - first] = block_partials(t, p)
+    return tree_combine(stack)
 
 
 def compute_partials(
-    blocks: RowBlocks, *, split_every: int = SPLIT_EVERY, scheduler: Any = None, progress: bool = False,
+    blocks: Any, *, split_every: int = SPLIT_EVERY, scheduler: Any = None, progress: bool = False,
+    replaced: dict[int, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Merged partials (K, J) of every block, computed in one pass."""
+    """Merged partials (K, J) of every block, computed in one pass.
+
+    A task reads ``split_every`` consecutive blocks (8 x 2 x 8 MiB by default: ~128 MB, a size that
+    suits a dask.distributed cluster) and merges them: that is the merge tree's first level, so the
+    result is bit for bit :func:`merge_tree` of the per-block partials, for any scheduler.
+    ``replaced``: partials of some blocks already known (they are not read).
+    """
     if blocks.n_blocks == 0:
         return empty_partials(blocks.n_outputs)
-    graph = partials_graph(blocks, split_every=split_every)
-    if progress:
+    replaced = replaced or {}
+    tasks = [
+        dask.delayed(_group_partials, pure=False)(blocks, a, min(a + split_every, blocks.n_blocks), {
+            i: v for i, v in replaced.items() if a <= i < a + split_every})
+        for a in range(0, blocks.n_blocks, split_every)
+    ]
+    if progress and not _is_distributed(scheduler):
         from dask.diagnostics import ProgressBar
 
         with ProgressBar(minimum=1.0):
-            (out,) = dask.compute(graph, scheduler=scheduler)
+            level = dask.compute(*tasks, scheduler=scheduler)
     else:
-        (out,) = dask.compute(graph, scheduler=scheduler)
-    return np.asarray(out)[0]
+        level = dask.compute(*tasks, scheduler=scheduler)
+    return merge_tree(np.stack(level), split_every)
+
+
+def _is_distributed(scheduler: Any) -> bool:
+    return type(scheduler).__module__.startswith("distributed")
 
 
 HIST_BUDGET = 32 << 20
@@ -236,6 +265,7 @@ def _fold_groups(n_blocks: int, n_groups: int) -> list[range]:
 
 def _histogram_pass(
     blocks: RowBlocks, bits: int, starts: np.ndarray, tprefix: np.ndarray, scheduler: Any,
+    exchange: Exchange = LOCAL,
 ) -> tuple[np.ndarray, int]:
     """Merged (targets, 2**width) int64 histogram of the next ``width`` bits of |e| after the top
     ``bits`` over every block, in bounded memory; returns it and ``width``.
@@ -251,14 +281,17 @@ def _histogram_pass(
     T = tprefix.size
     left = 64 - bits
     n_folds = max(1, min(_workers(scheduler), blocks.n_blocks))
+    # The digit width must be the same on every rank: size it for the rank with the most folds.
+    widest = max(exchange.gather(n_folds)) if exchange.size > 1 else n_folds
 
     def fit(folds: int) -> int:
         return int(np.floor(np.log2(max(1, HIST_BUDGET // (folds * T * 8)))))
 
-    width = fit(n_folds)
+    width = fit(widest)
     if width < min(select.DIGIT_BITS, left):
-        n_folds = max(1, min(n_folds, HIST_BUDGET // (T * 8 << min(select.DIGIT_BITS, left))))
-        width = fit(n_folds)
+        widest = max(1, min(widest, HIST_BUDGET // (T * 8 << min(select.DIGIT_BITS, left))))
+        width = fit(widest)
+    n_folds = min(n_folds, widest)
     width = min(left, max(select.MIN_DIGIT_BITS, min(select.DIGIT_BITS, width)))
 
     def fold(group: range) -> np.ndarray:
@@ -272,15 +305,15 @@ def _histogram_pass(
         *[dask.delayed(fold, pure=False)(g) for g in _fold_groups(blocks.n_blocks, n_folds)],
         scheduler=scheduler,
     ))
-    total = results.pop(0)
+    total = results.pop(0) if results else np.zeros((T, 1 << width), np.int64)  # a rank with no rows
     while results:
         total += results.pop(0)  # integer counts: any order gives the same sums
-    return total, width
+    return exchange.sum(total), width
 
 
 def select_order_statistics(
     blocks: RowBlocks, ranks: np.ndarray, pooled_ranks: np.ndarray | None = None, *,
-    split_every: int = SPLIT_EVERY, scheduler: Any = None,
+    split_every: int = SPLIT_EVERY, scheduler: Any = None, exchange: Exchange = LOCAL,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``ranks[j, r]``-th smallest |e| (0-based) of each output j, and the ``pooled_ranks[r]``-th
     smallest over all outputs' values together, all in the same passes.
@@ -292,6 +325,8 @@ def select_order_statistics(
     pass (none if all 64 bits are known). So continuous data takes 2 or 3 passes in all.
     Memory: at most ``HIST_BUDGET`` bytes of histograms (with very many targets the digit narrows
     instead) and at most ``GATHER_MAX`` candidates. A negative rank gives NaN.
+    Under DDP (``exchange``) the ranks are global, every rank reads its own blocks, histograms are
+    summed and candidates gathered across ranks: every rank gets the same values.
     """
     J = blocks.n_outputs
     ranks = np.asarray(ranks, dtype=np.int64).reshape(J, -1)
@@ -305,14 +340,14 @@ def select_order_statistics(
     def split(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return values[: J * R].reshape(J, R), values[J * R:]
 
-    if live.size == 0 or blocks.n_blocks == 0:
+    if live.size == 0:
         return split(result)
     owner, rank = owner[live], all_ranks[live]
     prefix = np.zeros(live.size, np.uint64)
     bits = 0
     while True:
         starts, tprefix, target = select.targets_of(owner, prefix, J + 1)
-        hist, width = _histogram_pass(blocks, bits, starts, tprefix, scheduler)
+        hist, width = _histogram_pass(blocks, bits, starts, tprefix, scheduler, exchange)
         prefix, rank, count = select.narrow(hist, target, prefix, rank, width)
         del hist
         bits += width
@@ -330,9 +365,14 @@ def select_order_statistics(
         return select.gather_chunk(t, p, J, bits, starts, tprefix)
 
     gathered = dask.compute(*[dask.delayed(gather, pure=False)(i) for i in range(blocks.n_blocks)], scheduler=scheduler)
-    values = np.concatenate([g[0] for g in gathered])
-    index = np.concatenate([g[1] for g in gathered])
+    values = np.concatenate([g[0] for g in gathered] or [np.zeros(0)])
+    index = np.concatenate([g[1] for g in gathered] or [np.zeros(0, np.int64)])
     del gathered
+    if exchange.size > 1:
+        everyone = exchange.gather((values, index))
+        values = np.concatenate([v for v, _ in everyone])
+        index = np.concatenate([i for _, i in everyone])
+        del everyone
     order = np.lexsort((values, index))  # by target, then by value
     values, index = values[order], index[order]
     begin = np.searchsorted(index, np.arange(tprefix.size))
@@ -340,14 +380,13 @@ def select_order_statistics(
     return split(result)
 
 
-def abs_error_order_statistics(
-    blocks: RowBlocks, ranks: np.ndarray, *, split_every: int = SPLIT_EVERY, scheduler: Any = None,
-) -> np.ndarray:
+def abs_error_order_statistics(blocks: RowBlocks, ranks: np.ndarray, **kwargs: Any) -> np.ndarray:
     """Exact ``ranks[j, r]``-th smallest |y_true - y_pred| (0-based) of each output j, as float64.
 
-    See :func:`select_order_statistics`. A negative rank (an output with no finite pair) gives NaN.
+    See :func:`select_order_statistics` (and its keyword arguments). A negative rank (an output with
+    no finite pair) gives NaN.
     """
-    return select_order_statistics(blocks, ranks, None, split_every=split_every, scheduler=scheduler)[0]
+    return select_order_statistics(blocks, ranks, None, **kwargs)[0]
 
 
 def _median_ranks(counts: np.ndarray) -> np.ndarray:
@@ -408,42 +447,45 @@ def abs_error_quantiles(
 
 
 def metrics_of(
-    blocks: RowBlocks, *, metrics: Iterable[str] | None = None,
+    blocks: Any, *, metrics: Iterable[str] | None = None,
     split_every: int = SPLIT_EVERY, scheduler: Any = None, progress: bool = False,
-    epoch: int | None = None, split: str | None = None, stored_partials: np.ndarray | None = None,
-    quantiles: Any = None,
+    epoch: int | None = None, split: str | None = None, quantiles: Any = None,
 ) -> EpochMetrics:
     """Exact metrics of all blocks: one pass for the partials, more only for order statistics.
 
-    ``stored_partials`` (n_blocks, K, J): the blocks' partials computed when they were written; they
-    replace the data pass (same merge tree, so the same bits).
     ``quantiles``: exact quantiles of |e| to add as ``result.quantiles`` (see
     :func:`abs_error_quantiles`): numbers in [0, 1], or True for :data:`DEFAULT_QUANTILES`. With
-    ``median_absolute_error`` too, both come from the same radix-select passes.
+    ``median_absolute_error`` too, both come from the same radix-select passes. Stored epochs, with
+    their partials and sample ids, go through :func:`oocmetrics.shards.compute_shards`.
     """
     metrics = resolve_metrics(metrics)  # once: a generator must not be consumed twice
-    if stored_partials is not None:
-        partials = merge_block_partials(stored_partials, split_every=split_every)
-    else:
-        partials = compute_partials(blocks, split_every=split_every, scheduler=scheduler, progress=progress)
+    partials = compute_partials(blocks, split_every=split_every, scheduler=scheduler, progress=progress)
+    return finish_metrics(
+        blocks, partials, blocks.kept_rows, metrics=metrics, quantiles=quantiles, split_every=split_every,
+        scheduler=scheduler, epoch=epoch, split=split,
+    )
+
+
+def finish_metrics(
+    blocks: Any, partials: np.ndarray, n_rows: int, *, metrics: tuple[str, ...], quantiles: Any = None,
+    split_every: int = SPLIT_EVERY, scheduler: Any = None, exchange: Exchange = LOCAL,
+    epoch: int | None = None, split: str | None = None,
+) -> EpochMetrics:
+    """Metrics from the merged partials (K, J) of every row, plus the order statistics and quantiles
+    that need passes over ``blocks`` (this rank's blocks under DDP)."""
     qs = check_quantiles(quantiles)
     order_stats = {}
     quantile_result = None
     want_median = "median_absolute_error" in order_statistics_needed(metrics)
+    select_args = {"split_every": split_every, "scheduler": scheduler, "exchange": exchange}
     if qs is not None:
         # the median's two middle ranks are asked with the quantiles' ranks: one select for all
-        quantile_result = abs_error_quantiles(
-            blocks, partials[N], qs, median=want_median, split_every=split_every, scheduler=scheduler,
-        )
+        quantile_result = abs_error_quantiles(blocks, partials[N], qs, median=want_median, **select_args)
         if want_median:
             order_stats["median_absolute_error"] = quantile_result.pop("median")
     elif want_median:
-        order_stats["median_absolute_error"] = median_abs_error(
-            blocks, partials[N], split_every=split_every, scheduler=scheduler,
-        )
-    result = finalize(
-        partials, metrics, n_rows=blocks.rows, order_stats=order_stats, epoch=epoch, split=split,
-    )
+        order_stats["median_absolute_error"] = median_abs_error(blocks, partials[N], **select_args)
+    result = finalize(partials, metrics, n_rows=n_rows, order_stats=order_stats, epoch=epoch, split=split)
     result.quantiles = quantile_result
     return result
 
@@ -483,34 +525,8 @@ def usable_partials(partials: Any, rows: int, chunk_rows: int, trailing: tuple[i
     n_chunks = -(-rows // chunk_rows)
     if partials.shape[0] < n_chunks or tuple(partials.shape[1:]) != (K, n_outputs((rows, *trailing))):
         return None
-    stack = np.asarray(partials[:n_chunks], dtype=np.float64)
+    stack = np.array(partials[:n_chunks], dtype=np.float64)  # a copy: callers patch it
     per_row = int(np.prod(trailing[:-1], dtype=np.int64)) if len(trailing) > 1 else 1
     covered = (stack[:, N, 0] + stack[:, SKIPPED, 0]) / per_row
     expected = np.minimum(chunk_rows, rows - np.arange(n_chunks) * chunk_rows)
     return stack if np.array_equal(covered, expected) else None
-
-
-def compute_store_arrays(
-    y_true: Any, y_pred: Any, rows: int, *, buffers: list[tuple[np.ndarray, np.ndarray]] | None = None,
-    partials: Any = None, source: Source = "auto", **kwargs: Any,
-) -> EpochMetrics:
-    """Exact metrics over the first ``rows`` rows of two stored zarr arrays, one task per chunk.
-
-    ``partials``: the epoch's stored per-chunk partials (a zarr array), merged instead of reading the
-    data when ``source`` is "auto" (if they cover the rows) or "partials" (required); "data" always
-    reads the data. Order statistics read the data in every case.
-    ``buffers``: idle chunk-sized (y_true, y_pred) buffer pairs the reads may use (saves memory).
-    """
-    if source not in ("auto", "partials", "data"):
-        raise ValueError(f"source={source!r}; expected 'auto', 'partials' or 'data'.")
-    stack = None
-    if source != "data":
-        stack = usable_partials(partials, rows, y_true.chunks[0], tuple(y_true.shape[1:]))
-        if stack is None and source == "partials":
-            raise ValueError(
-                "source='partials', but this epoch has no stored partials covering its rows (a store "
-                "written before they existed, or a crash mid-chunk); use source='data' or 'auto'."
-            )
-    result = metrics_of(RowBlocks(y_true, y_pred, rows, y_true.chunks[0], buffers), stored_partials=stack, **kwargs)
-    result.extra["source"] = "partials" if stack is not None else "data"
-    return result

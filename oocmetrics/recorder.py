@@ -26,16 +26,19 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
-from oocmetrics.compute import SPLIT_EVERY, Source, block_partials, check_quantiles, compute_store_arrays
+from oocmetrics.compute import SPLIT_EVERY, Source, block_partials, check_quantiles
 from oocmetrics.errors import StoreError, WriterError
+from oocmetrics.exchange import Exchange, ddp_world
 from oocmetrics.lock import SplitLock
 from oocmetrics.kernels.moments import FIELDS
 from oocmetrics.metrics import EpochMetrics, resolve_metrics
+from oocmetrics.shards import Shard, compute_shards
 from oocmetrics.store import (
-    ChunkWriter, EpochSpec, EpochStore, Job, check_split_name, describe_oserror, ensure_split, epoch_name,
-    list_epochs, meta_dir, open_root, recover_split, remove_epochs, scan_split,
+    LABELS, ChunkWriter, EpochSpec, EpochStore, Job, check_split_name, describe_oserror, ensure_split,
+    epoch_name, list_epochs, meta_dir, open_root, recover_split, remove_epochs, scan_split,
 )
-from oocmetrics.validation import NonFinite, check_batch, check_epoch_number, store_dtype
+from oocmetrics.stored import shard_split_name
+from oocmetrics.validation import NonFinite, check_batch, check_epoch_number, check_labels, store_dtype
 
 Mode = Literal["create", "overwrite", "resume"]
 _MB = 1 << 20
@@ -49,7 +52,7 @@ class _Pos:
     batches: int = 0
     fill: int = 0  # rows in the current buffer
     chunk_index: int = 0  # index of the chunk the current buffer will become
-    buf: tuple[np.ndarray, np.ndarray] | None = None
+    buf: tuple[np.ndarray, ...] | None = None  # (y_true, y_pred, *labels) chunk buffers
 
 
 class _DeferInterrupt:
@@ -115,8 +118,15 @@ class Recorder:
         quantiles: exact quantiles of |y_true - y_pred| that every ``compute`` adds to
             ``result.quantiles`` (per output and pooled; True: 0.5, 0.9, 0.95, 0.99). They cost 2-3
             passes over the stored data; None (default) computes none.
+        distributed: None (default): when ``torch.distributed`` is initialised with more than one
+            rank, each rank writes its own shard of the split (``<split>.rank<r>``) and ``compute()``
+            is a collective that returns every rank the same metrics over all ranks' rows, each
+            sample id counted once (pass ``ids=`` to ``update``). False: this process records alone
+            (give each rank its own path or split). True: require DDP.
+        process_group: the torch.distributed group of the ranks that record together (default: all).
 
     One thread at a time: a second thread calling in while one is inside raises RuntimeError.
+    Under DDP every rank must construct the Recorder and call ``compute()`` together (collectives).
     """
 
     def __init__(
@@ -139,6 +149,8 @@ class Recorder:
         split_every: int = SPLIT_EVERY,
         progress: bool = False,
         quantiles: Any = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         self._closed = True  # until the lock is held: close()/__del__ then have nothing to undo
         check_split_name(split)
@@ -160,10 +172,24 @@ class Recorder:
             raise ValueError(f"split_every={split_every!r}; expected an int >= 2.")
         if not lock_timeout >= 0:
             raise ValueError(f"lock_timeout={lock_timeout!r}; expected seconds >= 0.")
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed={distributed!r}; expected None (auto), True or False.")
         self.metrics = resolve_metrics(metrics)
         self.quantiles = check_quantiles(quantiles)
         self.path = Path(path)
         self.split = split
+        self._exchange: Exchange | None = None if distributed is False else ddp_world(process_group)
+        if distributed is True and self._exchange is None:
+            raise ValueError(
+                "distributed=True, but torch.distributed is not initialised with more than one rank; "
+                "call torch.distributed.init_process_group first (e.g. run under torchrun), or pass "
+                "distributed=None."
+            )
+        ex = self._exchange
+        self.rank = ex.rank if ex is not None else 0
+        self.world_size = ex.size if ex is not None else 1
+        # this writer's directory: the split itself, or under DDP this rank's shard of it
+        self._dir_split = shard_split_name(split, self.rank) if ex is not None else split
         self.nonfinite: NonFinite = nonfinite
         self.keep_epochs = keep_epochs
         self.fsync = bool(fsync)
@@ -176,10 +202,56 @@ class Recorder:
         self._compressors = compressors
         self._run_id = uuid.uuid4().hex[:12]
         self._busy = threading.Lock()
-        self._spare: list[tuple[np.ndarray, np.ndarray]] = []
+        self._spare: list[tuple[np.ndarray, ...]] = []
         self._spare_layout: tuple[Any, ...] | None = None
         self._last_finished: int | None = None
+        self._shard_attrs: dict[str, Any] = {}
+        if ex is not None:  # one run id for all ranks: readers combine only shards of the same run
+            self._shard_attrs = {"split": split, "rank": self.rank, "world_size": self.world_size,
+                                 "run": ex.gather(self._run_id)[0]}
+        self._open(mode, epoch, lock_timeout)
 
+    def _open(self, mode: Mode, epoch: int | None, lock_timeout: float) -> None:
+        """Take the split's lock and decide the first epoch; under DDP all ranks agree or all raise."""
+        outcome: tuple[str, Any] = ("ok", epoch)
+        ex = self._exchange
+        if ex is not None:  # rank 0 creates the store root first: no two ranks race to create it
+            failure = None
+            if ex.rank == 0:
+                try:
+                    meta_dir(open_root(self.path, create=True))
+                except BaseException as exc:
+                    failure = exc
+            first = ex.gather(None if failure is None else f"{type(failure).__name__}: {failure}")[0]
+            if failure is not None:
+                raise failure
+            if first is not None:
+                raise StoreError(f"Rank 0 could not create the store at {self.path}: {first}")
+        try:
+            self._open_local(mode, epoch, lock_timeout)
+        except BaseException as exc:
+            if self._exchange is None:
+                raise
+            outcome = ("error", exc)
+        if self._exchange is not None:
+            everyone = self._exchange.gather((outcome[0], self.epoch if outcome[0] == "ok" else None,
+                                              None if outcome[0] == "ok" else f"{type(outcome[1]).__name__}: {outcome[1]}"))
+            if outcome[0] == "error":
+                raise outcome[1]
+            failed = [(r, msg) for r, (state, _, msg) in enumerate(everyone) if state != "ok"]
+            if failed:
+                self._release()
+                raise StoreError(f"Recorder could not open split {self.split!r} on rank(s) "
+                                 f"{', '.join(f'{r} ({msg})' for r, msg in failed)}.")
+            # a crash may leave ranks at different epochs: redo from the earliest on every rank
+            start = min(e for _, e, _ in everyone)
+            if start != self.epoch:
+                self.epoch = start
+                if self._replace_from is not None:
+                    self._replace_from = min(self._replace_from, start)
+
+    def _open_local(self, mode: Mode, epoch: int | None, lock_timeout: float) -> None:
+        split = self._dir_split
         try:
             self._root = open_root(self.path, create=True)
             self._lock = SplitLock(self._root, meta_dir(self._root), split, self._run_id)
@@ -222,6 +294,7 @@ class Recorder:
         self._writer: ChunkWriter | None = None
         self._trailing: tuple[int, ...] | None = None
         self._dtypes: tuple[np.dtype, np.dtype] | None = None
+        self._labels: tuple[str, ...] = ()  # which per-row labels (ids, groups) this epoch stores
         self._chunk_rows = 0
         self._pos = _Pos()
         self._sealed_rows = 0  # rows covered by the last flush of a partial chunk
@@ -246,28 +319,30 @@ class Recorder:
     def closed(self) -> bool:
         return self._closed
 
-    def _start_epoch(self, t: np.ndarray, p: np.ndarray) -> None:
+    def _start_epoch(self, t: np.ndarray, p: np.ndarray, labels: tuple[str, ...]) -> None:
         trailing = tuple(t.shape[1:])
         dtypes = (store_dtype(t.dtype), store_dtype(p.dtype))
         row_bytes = max(1, int(np.prod(trailing, dtype=np.int64))) * max(d.itemsize for d in dtypes)
         chunk_rows = self._chunk_rows_opt or max(1, int(self._chunk_mb * _MB) // row_bytes)
-        layout = (chunk_rows, trailing, dtypes)
+        layout = (chunk_rows, trailing, dtypes, labels)
         if self._spare_layout != layout:
             self._spare = []  # buffers of the previous epoch fit only the same layout
         self._spare_layout = layout
         spec = EpochSpec(
-            root=self._root, split=self.split, epoch=self.epoch, trailing=trailing, dtypes=dtypes,
+            root=self._root, split=self._dir_split, epoch=self.epoch, trailing=trailing, dtypes=dtypes,
             compressors=self._compressors, run_id=self._run_id, fsync=self.fsync,
-            attrs={"split": self.split, "nonfinite": self.nonfinite, "dtypes": [str(d) for d in dtypes]},
-            partial_fields=FIELDS,
+            attrs={"split": self.split, "nonfinite": self.nonfinite, "dtypes": [str(d) for d in dtypes],
+                   **({"shard": self._shard_attrs} if self._shard_attrs else {})},
+            partial_fields=FIELDS, labels=labels,
         )
 
-        def make_buffers() -> tuple[np.ndarray, np.ndarray]:
+        def make_buffers() -> tuple[np.ndarray, ...]:
             # Reuse the previous epoch's buffers: fresh chunk-sized allocations each epoch fragment
             # the heap and creep the peak RSS up.
             if self._spare:
                 return self._spare.pop()
-            return (np.empty((chunk_rows, *trailing), dtypes[0]), np.empty((chunk_rows, *trailing), dtypes[1]))
+            return (np.empty((chunk_rows, *trailing), dtypes[0]), np.empty((chunk_rows, *trailing), dtypes[1]),
+                    *(np.empty(chunk_rows, np.int64) for _ in labels))
 
         def open_store(rows_per_chunk: int) -> EpochStore:  # runs on the writer thread
             return self._create_epoch_on_disk(spec, rows_per_chunk)
@@ -275,6 +350,7 @@ class Recorder:
         writer = ChunkWriter(open_store, chunk_rows, make_buffers, n_buffers=self._queue_chunks + 1,
                              reduce=block_partials)
         self._trailing, self._dtypes, self._chunk_rows = trailing, dtypes, chunk_rows
+        self._labels = labels
         self._writer = writer
 
     def _create_epoch_on_disk(self, spec: EpochSpec, chunk_rows: int) -> EpochStore:
@@ -289,7 +365,7 @@ class Recorder:
         doomed = [e for e in stored if self._replace_from is not None and e >= self._replace_from]
         if spec.epoch in stored and spec.epoch not in doomed:
             raise StoreError(f"{self._split_dir / name} already exists; pass mode='resume' to replace it.")
-        remove_epochs(self._root, self.split, doomed)
+        remove_epochs(self._root, self._dir_split, doomed)
         self._replace_from = None
         store = EpochStore.create(spec, chunk_rows)
         if self.keep_epochs is not None:
@@ -299,7 +375,7 @@ class Recorder:
     def _retain(self, finished: list[int], keep: int) -> None:
         old = sorted(finished)[: max(0, len(finished) - keep)]
         try:
-            remove_epochs(self._root, self.split, old)
+            remove_epochs(self._root, self._dir_split, old)
         except OSError as exc:  # retention is housekeeping: never lose the run over it
             warnings.warn(f"oocmetrics: could not delete old epochs {old} of {self._split_dir}: {exc}", stacklevel=3)
 
@@ -342,27 +418,49 @@ class Recorder:
         ) from err
 
     # ----------------------------------------------------------------------------------- public
-    def update(self, y_true: Any, y_pred: Any) -> None:
+    def update(self, y_true: Any, y_pred: Any, ids: Any = None, groups: Any = None) -> None:
         """Record one batch: arrays or tensors of shape (batch, *trailing), y_true first.
+
+        ``ids``: one integer per row identifying its sample (e.g. its dataset index). Every metric
+        counts each id once: a copy recorded again (a sample seen twice, or the copies
+        ``DistributedSampler`` pads the last ranks with) is left out, the first copy winning (see
+        :mod:`oocmetrics.dedup`). Optional in one process; required under DDP.
+        ``groups``: one integer per row naming its group (e.g. subject or session), stored with the
+        rows for per-group breakdowns. Give ids / groups with every batch of an epoch, or with none.
 
         The batch is recorded whole or not at all, whatever interrupts the call (Ctrl-C included).
         """
         self._enter("update")
         try:
             self._raise_writer_error()
-            self._update(y_true, y_pred)
+            self._update(y_true, y_pred, ids, groups)
         finally:
             self._busy.release()
 
-    def _update(self, y_true: Any, y_pred: Any) -> None:
+    def _update(self, y_true: Any, y_pred: Any, ids: Any = None, groups: Any = None) -> None:
         pos = self._pos
         t, p = check_batch(
             y_true, y_pred, trailing=self._trailing, batch_index=pos.batches, row_offset=pos.rows,
             nonfinite=self.nonfinite,
         )
+        given = {name: v for name, v in zip(LABELS, (ids, groups)) if v is not None}
+        labels = [check_labels(v, name, t.shape[0], pos.batches) for name, v in given.items()]
         if self._writer is None:
-            self._start_epoch(t, p)
+            if self._exchange is not None and "ids" not in given and pos.batches == 0:
+                warnings.warn(
+                    f"oocmetrics: split {self.split!r} is recorded by {self.world_size} DDP ranks but "
+                    f"update() got no ids=; compute() will refuse to combine the ranks, because copies "
+                    f"padded in by DistributedSampler cannot be told apart. Pass each row's dataset index.",
+                    stacklevel=3,
+                )
+            self._start_epoch(t, p, tuple(given))
         else:
+            if tuple(given) != self._labels:
+                raise ValueError(
+                    f"Batch {pos.batches} came with labels {list(given) or 'none'}, but this epoch's "
+                    f"batches have {list(self._labels) or 'none'} (set by batch 0). Pass ids= / groups= "
+                    f"with every batch of an epoch, or with none."
+                )
             for name, arr, dt in zip(("y_true", "y_pred"), (t, p), self._dtypes):  # type: ignore[arg-type]
                 if not np.can_cast(arr.dtype, dt, "safe"):
                     raise TypeError(
@@ -374,7 +472,7 @@ class Recorder:
         assert writer is not None
         n, C = t.shape[0], self._chunk_rows
         buf, fill, index = pos.buf, pos.fill, pos.chunk_index
-        taken: list[tuple[np.ndarray, np.ndarray]] = []
+        taken: list[tuple[np.ndarray, ...]] = []
         jobs: list[Job] = []
         committed = False
         try:
@@ -389,10 +487,13 @@ class Recorder:
                 k = min(n - done, C - fill)
                 np.copyto(buf[0][fill:fill + k], t[done:done + k], casting="safe")
                 np.copyto(buf[1][fill:fill + k], p[done:done + k], casting="safe")
+                for dest, src in zip(buf[2:], labels):
+                    dest[fill:fill + k] = src[done:done + k]
                 fill += k
                 done += k
                 if fill == C:
-                    jobs.append(Job("chunk", index, buf[0], buf[1], C, batches=pos.batches + (done == n)))
+                    jobs.append(Job("chunk", index, buf[0], buf[1], C, batches=pos.batches + (done == n),
+                                    labels=self._label_bufs(buf)))
                     index += 1
                     buf, fill = None, 0
             new = _Pos(pos.rows + n, pos.batches + 1, fill, index, buf)
@@ -423,6 +524,8 @@ class Recorder:
         qs = check_quantiles(quantiles) if quantiles is not None else self.quantiles
         self._enter("compute")
         try:
+            if self._exchange is not None:
+                return self._compute_ddp(source, qs)
             if self._pos.rows == 0:
                 raise ValueError(
                     f"No rows recorded in epoch {self.epoch} of split {self.split!r} ({self.path}): call "
@@ -432,26 +535,60 @@ class Recorder:
             if self._cached is not None and self._cached[0] == (self._pos.rows, source, qs):
                 return copy.deepcopy(self._cached[1])
             self._flush()
-            writer = self._writer
-            assert writer is not None and writer.store is not None
-            store = writer.store
-            store.check_present()
-            idle = writer.drain_free()  # the idle chunk buffers serve the reads: no new chunk memory
-            try:
-                result = compute_store_arrays(
-                    store.arrays["y_true"], store.arrays["y_pred"], self._pos.rows, buffers=idle,
-                    partials=store.partials, source=source, metrics=self.metrics, quantiles=qs,
-                    split_every=self.split_every, scheduler=self.scheduler, progress=self.progress,
-                    epoch=self.epoch, split=self.split,
-                )
-            finally:
-                for pair in idle:
-                    writer.release(pair)
-            result.extra["batches"] = self._pos.batches
+            result = self._compute_shards(source, qs, self._exchange)
             self._cached = ((self._pos.rows, source, qs), result)
             return copy.deepcopy(result)
         finally:
             self._busy.release()
+
+    def _compute_shards(self, source: Source, qs: Any, exchange: Exchange | None) -> EpochMetrics:
+        """This recorder's shard (flushed) through :func:`compute_shards`; a collective under DDP."""
+        writer = self._writer
+        store = writer.store if writer is not None and self._pos.rows > 0 else None
+        idle = writer.drain_free() if store is not None else []  # idle chunk buffers serve the reads
+        try:
+            shard = Shard()
+            if store is not None:
+                store.check_present()
+                shard = Shard(store.arrays["y_true"], store.arrays["y_pred"], self._pos.rows, store.partials,
+                              store.labels.get("ids"), buffers=idle, name=f"rank {self.rank}")
+            kwargs: dict[str, Any] = {"exchange": exchange} if exchange is not None else {}
+            result = compute_shards(
+                [shard], source=source, metrics=self.metrics, quantiles=qs, split_every=self.split_every,
+                scheduler=self.scheduler, progress=self.progress, epoch=self.epoch, split=self.split, **kwargs,
+            )
+        finally:
+            for pair in idle:
+                writer.release(pair)  # type: ignore[union-attr]
+        result.extra["batches"] = self._pos.batches
+        return result
+
+    def _compute_ddp(self, source: Source, qs: Any) -> EpochMetrics:
+        """Every rank flushes its shard, then all compute together; a local failure stops every rank."""
+        ex = self._exchange
+        assert ex is not None
+        failure: BaseException | None = None
+        try:
+            if self._pos.rows > 0:
+                self._flush()
+        except BaseException as exc:  # raised below, after the other ranks know
+            failure = exc
+        everyone = ex.gather((self.epoch, self._pos.batches,
+                              None if failure is None else f"{type(failure).__name__}: {failure}"))
+        if failure is not None:
+            raise failure
+        failed = [(r, msg) for r, (_, _, msg) in enumerate(everyone) if msg is not None]
+        if failed:
+            raise StoreError(f"compute() failed on rank(s) {', '.join(f'{r}: {m}' for r, m in failed)}.")
+        epochs = [e for e, _, _ in everyone]
+        if len(set(epochs)) > 1:
+            raise ValueError(
+                f"The ranks are at different epochs {epochs} of split {self.split!r}; every rank must "
+                f"reset() / reset(epoch=) the same way before compute()."
+            )
+        result = self._compute_shards(source, qs, ex)
+        result.extra["batches"] = sum(b for _, b, _ in everyone)
+        return result
 
     def reset(self, epoch: int | None = None) -> None:
         """Finish the current epoch (if it has rows) and start the next: ``epoch``, or the current + 1.
@@ -560,6 +697,9 @@ class Recorder:
         return f"Recorder({str(self.path)!r}, split={self.split!r}: {state})"
 
     # --------------------------------------------------------------------------------- internal
+    def _label_bufs(self, buf: tuple[np.ndarray, ...]) -> dict[str, np.ndarray] | None:
+        return dict(zip(self._labels, buf[2:])) if self._labels else None
+
     def _flush(self) -> None:
         """Write the partial chunk (its buffer stays for more rows) and wait until all is durable."""
         writer = self._writer
@@ -569,7 +709,7 @@ class Recorder:
         pos = self._pos
         if pos.fill > 0 and pos.buf is not None and self._sealed_rows != pos.rows:
             writer.submit([Job("chunk", pos.chunk_index, pos.buf[0], pos.buf[1], pos.fill,
-                               batches=pos.batches, seal=True, recycle=False)])
+                               batches=pos.batches, seal=True, recycle=False, labels=self._label_bufs(pos.buf))])
             self._sealed_rows = pos.rows
         writer.wait()
         self._raise_writer_error()

@@ -40,12 +40,13 @@ from oocmetrics.errors import StoreError, WriterError
 __all__ = [
     "StoreError", "WriterError", "EpochInfo", "EpochStore", "ChunkWriter", "open_root", "check_split_name",
     "list_epochs", "scan_split", "epoch_info", "open_epoch_arrays", "open_epoch_partials", "remove_epochs",
-    "META", "meta_dir", "PARTIALS",
+    "META", "meta_dir", "PARTIALS", "LABELS", "open_epoch_labels",
 ]
 
 FORMAT = 1
 ARRAYS = ("y_true", "y_pred")
 PARTIALS = "partials"  # (chunks, fields, outputs) float64: each chunk's partials, computed as it was written
+LABELS = ("ids", "groups")  # optional int64 per-row arrays: sample ids (deduplication) and group ids
 META = ".oocmetrics"  # a zarr group of its own (so zarr lists it without warnings): locks and tmp
 _TAG = "oocmetrics"
 _EPOCH_RE = re.compile(r"^epoch=(0|[1-9][0-9]*)$")
@@ -61,12 +62,20 @@ def epoch_name(epoch: int) -> str:
     return f"epoch={epoch}"
 
 
-def check_split_name(split: Any) -> str:
-    """A split name that is one safe directory name: letters, digits, ``_ . -``; not ``zarr.json``."""
-    if not isinstance(split, str) or not _SPLIT_RE.match(split) or split == "zarr.json" or split.endswith(".json"):
+_SHARD_SUFFIX_RE = re.compile(r"\.rank[0-9]+$")
+
+
+def check_split_name(split: Any, *, shard: bool = False) -> str:
+    """A split name that is one safe directory name: letters, digits, ``_ . -``; not ``zarr.json``.
+
+    Names ending in ``.rank<digits>`` are the directories of DDP shards (``shard=True``), not splits.
+    """
+    if not isinstance(split, str) or not _SPLIT_RE.match(split) or split == "zarr.json" or split.endswith(".json") \
+            or (not shard and _SHARD_SUFFIX_RE.search(split)):
         raise ValueError(
             f"split={split!r} is not a valid name: use letters, digits, '_', '.' or '-' (not starting "
-            f"with '.' or '-', at most 100 characters, not ending in '.json'), e.g. 'train', 'val', 'test'."
+            f"with '.' or '-', at most 100 characters, not ending in '.json' or '.rank<digits>', which "
+            f"names DDP shards), e.g. 'train', 'val', 'test'."
         )
     return split
 
@@ -112,8 +121,11 @@ def open_root(path: str | os.PathLike[str], *, create: bool) -> Path:
             raise StoreError(f"No oocmetrics store at {p}; record one with oocmetrics.Recorder first.")
         p.mkdir(parents=True, exist_ok=True)
         # One write of zarr.json, attributes included: a crash leaves no untagged root behind.
-        zarr.open_group(str(p), mode="a", zarr_format=3, attributes={_TAG: {"format": FORMAT, "created": _now()}})
-        return p
+        try:
+            zarr.open_group(str(p), mode="a", zarr_format=3, attributes={_TAG: {"format": FORMAT, "created": _now()}})
+            return p
+        except zarr.errors.ContainsGroupError:
+            pass  # another process created it a moment ago: check what it wrote
     doc = read_json(meta)
     tag = (doc.get("attributes") or {}).get(_TAG)
     if tag is None and doc.get("zarr_format") == 3 and not doc.get("attributes") and create and \
@@ -169,6 +181,8 @@ class EpochInfo:
     created: str
     updated: str
     path: Path = field(compare=False)
+    labels: tuple[str, ...] = ()  # which of LABELS the epoch stores, row for row with the data
+    shard: dict[str, Any] | None = field(default=None, compare=False)  # under DDP: split, rank, world_size, run
 
     @classmethod
     def from_dir(cls, path: Path) -> "EpochInfo":
@@ -187,6 +201,8 @@ class EpochInfo:
                 trailing_shape=tuple(int(v) for v in attrs["trailing_shape"]),
                 chunk_rows=int(attrs["chunk_rows"]), created=str(attrs.get("created", "")),
                 updated=str(attrs.get("updated", "")), path=path,
+                labels=tuple(str(v) for v in attrs.get("labels", ()) if v in LABELS),
+                shard=attrs.get("shard") if isinstance(attrs.get("shard"), dict) else None,
             )
         except (TypeError, ValueError) as exc:
             raise StoreError(f"{path / 'zarr.json'} has malformed oocmetrics attributes ({exc}).") from exc
@@ -235,6 +251,18 @@ def open_epoch_partials(info: EpochInfo) -> zarr.Array | None:
         return zarr.open_array(str(info.path / PARTIALS), mode="r")
     except Exception:  # missing or damaged: the data are still there to compute from
         return None
+
+
+def open_epoch_labels(info: EpochInfo) -> dict[str, zarr.Array]:
+    """The per-row label arrays (``ids``, ``groups``) a stored epoch holds, by name."""
+    out = {}
+    for name in info.labels:
+        read_json(info.path / name / "zarr.json")
+        try:
+            out[name] = zarr.open_array(str(info.path / name), mode="r")
+        except Exception as exc:  # zarr's own errors for metadata it cannot use
+            raise StoreError(f"{info.path / name / 'zarr.json'} cannot be opened by zarr ({exc}).") from exc
+    return out
 
 
 def open_epoch_arrays(split_dir: Path, epoch: int) -> tuple[zarr.Array, zarr.Array, EpochInfo]:
@@ -307,6 +335,7 @@ class EpochSpec:
     fsync: bool = False
     attrs: dict[str, Any] = field(default_factory=dict)
     partial_fields: tuple[str, ...] = ()  # names of the partials' fields; () stores no partials
+    labels: tuple[str, ...] = ()  # int64 per-row arrays stored beside the data (see LABELS)
 
 
 def _dimension_names(ndim: int) -> tuple[str, ...]:
@@ -327,6 +356,11 @@ def _build(spec: EpochSpec, chunk_rows: int, dest: Path) -> None:
             # pass over each chunk that measured 5x slower writes.
             config={"write_empty_chunks": True},
         )
+    for name in spec.labels:
+        g.create_array(
+            name, shape=(0,), chunks=(chunk_rows,), dtype=np.int64, compressors=None, filters=None,
+            fill_value=0, dimension_names=("row",), config={"write_empty_chunks": True},
+        )
     if spec.partial_fields:
         J = spec.trailing[-1] if spec.trailing else 1
         g.create_array(
@@ -339,7 +373,7 @@ def _build(spec: EpochSpec, chunk_rows: int, dest: Path) -> None:
     g.attrs.update({
         "epoch": spec.epoch, "rows": 0, "batches": 0, "complete": False, "run_id": spec.run_id,
         "trailing_shape": list(spec.trailing), "chunk_rows": chunk_rows, "created": now, "updated": now,
-        **spec.attrs,
+        "labels": list(spec.labels), **spec.attrs,
     })
 
 
@@ -351,6 +385,7 @@ class EpochStore:
         self.path = path
         self.group = zarr.open_group(str(path), mode="r+")
         self.arrays = {name: self.group[name] for name in ARRAYS}
+        self.labels = {name: self.group[name] for name in spec.labels}
         self.partials = self.group[PARTIALS] if spec.partial_fields else None
         attrs = dict(self.group.attrs)
         self.chunk_rows = int(attrs["chunk_rows"])
@@ -372,13 +407,14 @@ class EpochStore:
 
     def rebuild(
         self, chunk_rows: int, t: np.ndarray, p: np.ndarray, n: int, batches: int, partials: np.ndarray | None,
+        labels: dict[str, np.ndarray] | None = None,
     ) -> "EpochStore":
         """The same epoch in another chunk grid, holding rows [0, n) of (t, p), swapped in atomically."""
         tmp = tmp_dir(self.spec.root, self.spec.split)
         staging = tmp / f"swap-{epoch_name(self.spec.epoch)}-{uuid.uuid4().hex}"
         _build(self.spec, chunk_rows, staging)
         new = EpochStore(self.spec, staging)
-        new.write_chunk(0, t, p, n, batches=batches, partials=partials)
+        new.write_chunk(0, t, p, n, batches=batches, partials=partials, labels=labels)
         _discard(self.path, tmp)  # a crash here leaves the swap dir, rolled forward by recover_split
         os.rename(staging, self.path)
         if self.spec.fsync:
@@ -401,14 +437,15 @@ class EpochStore:
             )
 
     def _chunk_files(self, index: int) -> list[Path]:
-        arrays = {**self.arrays, **({PARTIALS: self.partials} if self.partials is not None else {})}
+        arrays = {**self.arrays, **self.labels, **({PARTIALS: self.partials} if self.partials is not None else {})}
         return [self.path / name / chunk_key(arr, index) for name, arr in arrays.items()]
 
     def write_chunk(
         self, index: int, t: np.ndarray, p: np.ndarray, n: int, *, batches: int, partials: np.ndarray | None = None,
+        labels: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Store rows [index*chunk_rows, +n) of both arrays and the chunk's partials, then advance the
-        durable row count (so partials survive a crash with the rows they cover).
+        """Store rows [index*chunk_rows, +n) of both arrays, their labels (ids, groups) and the chunk's
+        partials, then advance the durable row count (so all of them survive a crash with the rows).
 
         The arrays are first sized to exactly the rows written so far, so a chunk is always written
         whole (a full chunk, or the edge chunk) and never read back.
@@ -417,11 +454,15 @@ class EpochStore:
         start = index * self.chunk_rows
         end = start + n
         if end != self.shape0:
-            for arr in self.arrays.values():
+            for arr in (*self.arrays.values(), *self.labels.values()):
                 arr.resize((end, *arr.shape[1:]))
             self.shape0 = end
         for name, buf in zip(ARRAYS, (t, p)):
             self.arrays[name][start:end] = buf[:n]
+        for name, arr in self.labels.items():
+            if labels is None or name not in labels:
+                raise StoreError(f"chunk {index} of {self.path} came without its {name!r}; this is a bug.")
+            arr[start:end] = labels[name][:n]
         if self.partials is not None and partials is not None:
             if self.partials.shape[0] != index + 1:
                 self.partials.resize((index + 1, *self.partials.shape[1:]))
@@ -467,12 +508,17 @@ class Job:
     batches: int = 0
     seal: bool = False  # a partial last chunk (flush): the buffer stays with the recorder
     recycle: bool = True  # hand the buffers back to the pool once written
+    labels: dict[str, np.ndarray] | None = None  # per-row label buffers (ids, groups), part of the buffer set
+
+    def buffers(self) -> tuple[np.ndarray, ...]:
+        """The buffer set this job writes from, as :meth:`ChunkWriter.acquire` handed it out."""
+        return (self.t, self.p, *(self.labels or {}).values())  # type: ignore[return-value]
 
 
 class ChunkWriter:
     """Background thread that creates the epoch on disk and writes its chunks in order.
 
-    The caller takes a free buffer pair with :meth:`acquire` (which blocks while every buffer is in
+    The caller takes a free buffer set with :meth:`acquire` (which blocks while every buffer is in
     flight: backpressure) and hands jobs to :meth:`submit`. The epoch is created on disk by
     ``open_store(chunk_rows)`` at the first job, so an epoch with no rows never appears. After a
     failure the thread keeps the failed job and everything after it and waits; :meth:`retry` starts
@@ -481,7 +527,7 @@ class ChunkWriter:
 
     def __init__(
         self, open_store: Callable[[int], EpochStore], chunk_rows: int,
-        make_buffers: Callable[[], tuple[np.ndarray, np.ndarray]], n_buffers: int,
+        make_buffers: Callable[[], tuple[np.ndarray, ...]], n_buffers: int,
         reduce: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     ):
         self.store: EpochStore | None = None
@@ -491,7 +537,7 @@ class ChunkWriter:
         self._make_buffers = make_buffers
         self._n_buffers = n_buffers
         self._made = 0
-        self._free: queue.SimpleQueue[tuple[np.ndarray, np.ndarray]] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[tuple[np.ndarray, ...]] = queue.SimpleQueue()
         self._jobs: list[Job] = []
         self._cv = threading.Condition()
         self._busy = False
@@ -506,8 +552,8 @@ class ChunkWriter:
         return self.store.rows if self.store is not None else 0
 
     # -- training-thread side -------------------------------------------------------------------
-    def acquire(self, held: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """A free (y_true, y_pred) chunk buffer pair; waits while all are in flight (backpressure).
+    def acquire(self, held: int = 0) -> tuple[np.ndarray, ...]:
+        """A free chunk buffer set (y_true, y_pred[, ids][, groups]); waits while all are in flight (backpressure).
 
         ``held``: buffers the caller holds and has not submitted. When no buffer is in flight (all
         are held: a batch spans more chunks than the pool), or the writer has failed, one more pair
@@ -529,7 +575,7 @@ class ChunkWriter:
             except queue.Empty:
                 continue
 
-    def release(self, bufs: tuple[np.ndarray, np.ndarray]) -> None:
+    def release(self, bufs: tuple[np.ndarray, ...]) -> None:
         """Give back a buffer pair taken with :meth:`acquire` but not submitted."""
         self._free.put(bufs)
 
@@ -558,7 +604,7 @@ class ChunkWriter:
             self.error = None
             self._cv.notify_all()
 
-    def drain_free(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def drain_free(self) -> list[tuple[np.ndarray, ...]]:
         """The idle buffer pairs (for reuse by the next epoch)."""
         out = []
         while True:
@@ -588,9 +634,9 @@ class ChunkWriter:
         if self.store is None:
             self.store = self._open_store(want)
         elif job.index == 0 and self.store.chunk_rows != want:
-            self.store = self.store.rebuild(want, job.t, job.p, job.n, job.batches, parts)
+            self.store = self.store.rebuild(want, job.t, job.p, job.n, job.batches, parts, job.labels)
             return
-        self.store.write_chunk(job.index, job.t, job.p, job.n, batches=job.batches, partials=parts)
+        self.store.write_chunk(job.index, job.t, job.p, job.n, batches=job.batches, partials=parts, labels=job.labels)
 
     def _run(self) -> None:
         while True:
@@ -615,6 +661,6 @@ class ChunkWriter:
                     if self._made > self._n_buffers:
                         self._made -= 1  # an extra pair made for one big batch: let it go
                     else:
-                        self._free.put((job.t, job.p))  # type: ignore[arg-type]
+                        self._free.put(job.buffers())
                 self._busy = False
                 self._cv.notify_all()

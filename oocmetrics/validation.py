@@ -115,3 +115,39 @@ def check_batch(
                     f"and leave those values out of the metrics (counted in n_skipped)."
                 )
     return t, p
+
+
+def check_labels(x: Any, name: str, n: int, batch_index: int) -> np.ndarray:
+    """Per-row integer labels (``ids`` or ``groups``) of a batch of ``n`` rows, as an int64 array.
+
+    Torch tensors (any device) and NumPy arrays of any integer dtype are accepted; floats and bools
+    are refused (an id that went through float32 may have been rounded: 16777217 -> 16777216).
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(
+                f"{name} in batch {batch_index} is a {x.dtype} tensor; expected integers (e.g. dataset "
+                f"indices as torch.int64)."
+            )
+        x = x.to("cpu").numpy()
+    elif isinstance(x, (list, tuple, range)):
+        x = np.asarray(x)
+        if x.size == 0:
+            x = x.astype(np.int64)
+    elif not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} is a {type(x).__name__}; expected a NumPy array or torch tensor of integers.")
+    if x.dtype.kind not in "iu":
+        raise TypeError(
+            f"{name} in batch {batch_index} has dtype {x.dtype}; expected integers, e.g. "
+            f"np.arange(start, start + {n}) or the dataset indices of the batch's samples."
+        )
+    if x.shape != (n,):
+        raise ValueError(
+            f"{name} in batch {batch_index} has shape {tuple(x.shape)}; expected ({n},): one label per row "
+            f"of y_true."
+        )
+    if x.dtype == np.uint64 and x.size and int(x.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} in batch {batch_index} holds values above 2**63 - 1; int64 cannot store them.")
+    return x.astype(np.int64, copy=False)

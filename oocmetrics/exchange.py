@@ -1,0 +1,72 @@
+"""How the processes of one computation share small results: nothing (one process), or torch.distributed.
+
+Epoch-end work under DDP exchanges only small objects: id sets, per-rank merged partials (K x J
+floats), histograms of the order-statistics passes and their few candidates; never predictions.
+Every rank receives the same list in rank order, so every rank merges the same bits.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Exchange", "TorchExchange", "ddp_world"]
+
+
+class Exchange:
+    """One process: gathering returns the caller's own object, summing returns the array itself."""
+
+    rank = 0
+    size = 1
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (a collective: every rank must call it)."""
+        return [obj]
+
+    def sum(self, array: np.ndarray) -> np.ndarray:
+        """The element-wise sum of every rank's ``array`` (same shape and dtype on every rank)."""
+        return array
+
+
+class TorchExchange(Exchange):
+    """The ranks of a ``torch.distributed`` process group (gloo or NCCL)."""
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self._nccl = dist.get_backend(group) == "nccl"
+
+    def gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        self._dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def sum(self, array: np.ndarray) -> np.ndarray:
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self._nccl:  # NCCL reduces device tensors only
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group)
+        return t.cpu().numpy()
+
+
+def ddp_world(group: Any = None) -> TorchExchange | None:
+    """The torch.distributed group when one with more than one rank is initialised, else None.
+
+    torch is not imported for the check: a process that never imported it is not in a DDP run.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    dist = getattr(torch, "distributed", None)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    if dist.get_world_size(group) < 2:
+        return None
+    return TorchExchange(group)
