@@ -166,6 +166,23 @@ def _json_float(v: float) -> float | str | None:
     return v
 
 
+def _json_tree(v: Any) -> Any:
+    """A nested dict / list / array of numbers for strict JSON: floats as :func:`_json_float`."""
+    if isinstance(v, dict):
+        return {str(k): _json_tree(x) for k, x in v.items()}
+    if isinstance(v, np.ndarray):
+        return _json_tree(v.tolist())
+    if isinstance(v, (list, tuple)):
+        return [_json_tree(x) for x in v]
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return _json_float(v)
+    return v
+
+
 def _values_equal(a: Any, b: Any) -> bool:
     """Equality of result values: NaN equals NaN, arrays compare element-wise (shape included)."""
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
@@ -207,6 +224,10 @@ class EpochMetrics(Mapping):
     """Exact quantiles of |e| when asked for (``quantiles=``), else None: ``{"q": [Q floats],
     "per_output": (Q, J) float64 array, "pooled": (Q,) float64 array}``, NumPy's ``method="linear"``
     (``per_output[i, j] == np.quantile(|e|[:, j], q[i])``, ``pooled[i]`` over all outputs' values)."""
+    intervals: dict[str, Any] | None = None
+    """Confidence intervals when asked for (see :mod:`oocmetrics.intervals`), else None: ``{"level",
+    "method", "n_boot", "seed", "blocks", "overall": {name: [low, high]}, "per_output": {name: [[low]*J,
+    [high]*J]}, ...}``."""
 
     def __getitem__(self, name: str) -> float:
         try:
@@ -228,7 +249,7 @@ class EpochMetrics(Mapping):
             return all(
                 _values_equal(getattr(self, f), getattr(other, f))
                 for f in ("overall", "per_output", "n_rows", "n_values", "n_skipped", "epoch", "split", "extra",
-                          "quantiles")
+                          "quantiles", "intervals")
             )
         if isinstance(other, Mapping):
             return _values_equal(dict(self.overall), dict(other.items()))
@@ -248,6 +269,7 @@ class EpochMetrics(Mapping):
             split=self.split,
             extra=_copy.deepcopy(self.extra),
             quantiles=_copy.deepcopy(self.quantiles),
+            intervals=_copy.deepcopy(self.intervals),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,6 +295,8 @@ class EpochMetrics(Mapping):
                 "per_output": [[_json_float(x) for x in row] for row in np.asarray(self.quantiles["per_output"]).tolist()],
                 "pooled": [_json_float(x) for x in np.asarray(self.quantiles["pooled"]).tolist()],
             }
+        if self.intervals is not None:  # {"overall": {name: [low, high]}, "per_output": {name: [[low..], [high..]]}, ..}
+            out["intervals"] = _json_tree(self.intervals)
         return out
 
     def __repr__(self) -> str:

@@ -28,7 +28,7 @@ from oocmetrics.exchange import Exchange
 from oocmetrics.kernels.moments import empty_partials, n_outputs
 from oocmetrics.metrics import EpochMetrics, resolve_metrics
 
-__all__ = ["Shard", "compute_shards"]
+__all__ = ["Shard", "compute_shards", "block_stacks"]
 
 
 @dataclass
@@ -125,6 +125,64 @@ def _scan_duplicates(
     return replaced, (ids[involved], hashes)
 
 
+@dataclass
+class _Planned:
+    """One local shard after deduplication planning: its blocks (losing rows dropped), the partials of
+    the blocks that lost rows, its copies' hashes, and its stored per-chunk partials (if usable)."""
+
+    blocks: Any
+    replaced: dict[int, np.ndarray]
+    entries: tuple[np.ndarray, np.ndarray]
+    stack: np.ndarray | None
+
+
+def _plan(
+    local: list[Shard], exchange: Exchange, source: Source, scheduler: Any, split: str | None, epoch: int | None,
+) -> tuple[list[dict[str, Any]], list[_Planned]]:
+    """Share the shards' id summaries, check them, and plan every local shard (see :class:`_Planned`)."""
+    ddp = exchange.size > 1
+    if ddp and len(local) != 1:
+        raise ValueError(f"under DDP each rank computes its own one shard; got {len(local)}.")
+    described = [_describe(s) for s in local]
+    public = [d for d, _ in described]
+    if ddp:
+        public = [d for per_rank in exchange.gather(public) for d in per_rank]
+    _check(public, split, epoch)
+    first = exchange.rank if ddp else 0  # global index of local[0]
+    summaries: list[IdSummary | None] = [d.get("ids") for d in public]
+    J = n_outputs((1, *next(d["trailing"] for d in public if d["rows"] > 0)))
+    none = (np.zeros(0, np.int64), np.zeros((0, 2), np.uint64))
+    planned = []
+    for k, (shard, (_, ids)) in enumerate(zip(local, described)):
+        if shard.rows == 0:
+            planned.append(_Planned(_NoBlocks(J), {}, none, None))
+            continue
+        chunk_rows = int(shard.y_true.chunks[0]) if hasattr(shard.y_true, "chunks") else shard.rows
+        involved = drop = np.zeros(0, np.int64)
+        if ids is not None:
+            involved, drop = plan_shard(ids, first + k, summaries)
+        blocks = RowBlocks(shard.y_true, shard.y_pred, shard.rows, chunk_rows, shard.buffers,
+                           drop=rows_by_block(drop, chunk_rows))
+        replaced, entries = _scan_duplicates(blocks, involved, ids, scheduler) if ids is not None else ({}, none)
+        stack = None
+        if source != "data":
+            stack = usable_partials(shard.partials, shard.rows, chunk_rows, tuple(shard.y_true.shape[1:]))
+            if stack is not None:
+                for b, v in replaced.items():
+                    stack[b] = v
+        planned.append(_Planned(blocks, replaced, entries, stack))
+    return public, planned
+
+
+def block_stacks(shards: list[Shard], *, scheduler: Any = None) -> list[tuple[np.ndarray | None, Any]]:
+    """For each shard with rows, in one process: ``(stack, blocks)``. ``stack`` is its per-chunk
+    partials (chunks, K, J): the stored ones, with the chunks that hold losing copies of an id
+    recomputed without them, or None where the stored partials do not cover the shard's rows;
+    ``blocks`` reads its chunks without the losing rows. Every id counts once over all of them."""
+    _, planned = _plan(shards, LOCAL, "auto", scheduler, None, None)
+    return [(p.stack, p.blocks) for p in planned if not isinstance(p.blocks, _NoBlocks)]
+
+
 def compute_shards(
     local: list[Shard], *, exchange: Exchange = LOCAL, source: Source = "auto",
     metrics: Iterable[str] | None = None, quantiles: Any = None, split_every: int = SPLIT_EVERY,
@@ -139,46 +197,19 @@ def compute_shards(
     """
     if source not in ("auto", "partials", "data"):
         raise ValueError(f"source={source!r}; expected 'auto', 'partials' or 'data'.")
-    ddp = exchange.size > 1
-    if ddp and len(local) != 1:
-        raise ValueError(f"under DDP each rank computes its own one shard; got {len(local)}.")
     metrics = resolve_metrics(metrics)
-    described = [_describe(s) for s in local]
-    public = [d for d, _ in described]
-    if ddp:
-        public = [d for per_rank in exchange.gather(public) for d in per_rank]
-    _check(public, split, epoch)
-    first = exchange.rank if ddp else 0  # global index of local[0]
-    summaries: list[IdSummary | None] = [d.get("ids") for d in public]
-    J = n_outputs((1, *next(d["trailing"] for d in public if d["rows"] > 0)))
-
-    outputs = []
-    for k, (shard, (_, ids)) in enumerate(zip(local, described)):
-        if shard.rows == 0:
-            outputs.append((_NoBlocks(J), empty_partials(J), 0, (np.zeros(0, np.int64), np.zeros((0, 2), np.uint64)), True))
-            continue
-        chunk_rows = int(shard.y_true.chunks[0]) if hasattr(shard.y_true, "chunks") else shard.rows
-        involved = drop = np.zeros(0, np.int64)
-        if ids is not None:
-            involved, drop = plan_shard(ids, first + k, summaries)
-        blocks = RowBlocks(shard.y_true, shard.y_pred, shard.rows, chunk_rows, shard.buffers,
-                           drop=rows_by_block(drop, chunk_rows))
-        replaced, entries = _scan_duplicates(blocks, involved, ids, scheduler) if ids is not None else \
-            ({}, (np.zeros(0, np.int64), np.zeros((0, 2), np.uint64)))
-        stack = None
-        if source != "data":
-            stack = usable_partials(shard.partials, shard.rows, chunk_rows, tuple(shard.y_true.shape[1:]))
-        if stack is not None:
-            for b, v in replaced.items():
-                stack[b] = v
-            merged = merge_tree(stack, split_every)
+    public, planned = _plan(local, exchange, source, scheduler, split, epoch)
+    shared = []
+    for p in planned:
+        if isinstance(p.blocks, _NoBlocks):
+            merged, used = empty_partials(p.blocks.n_outputs), True
+        elif p.stack is not None:
+            merged, used = merge_tree(p.stack, split_every), True
         else:
-            merged = compute_partials(blocks, split_every=split_every, scheduler=scheduler, progress=progress,
-                                      replaced=replaced)
-        outputs.append((blocks, merged, blocks.kept_rows, entries, stack is not None))
-
-    shared = [(merged, kept, entries, used) for _, merged, kept, entries, used in outputs]
-    if ddp:
+            merged, used = compute_partials(p.blocks, split_every=split_every, scheduler=scheduler,
+                                            progress=progress, replaced=p.replaced), False
+        shared.append((merged, p.blocks.kept_rows, p.entries, used))
+    if exchange.size > 1:
         shared = [x for per_rank in exchange.gather(shared) for x in per_rank]
     used = [u for (_, _, _, u), d in zip(shared, public) if d["rows"] > 0]
     if source == "partials" and not all(used):
@@ -188,7 +219,7 @@ def compute_shards(
         )
     partials = merge_tree(np.stack([m for m, _, _, _ in shared]), split_every)
     n_rows = sum(kept for _, kept, _, _ in shared)
-    local_blocks = [b for b, *_ in outputs]
+    local_blocks = [p.blocks for p in planned]
     blocks_all = local_blocks[0] if len(local_blocks) == 1 else ShardBlocks(local_blocks)
     result = finish_metrics(
         blocks_all, partials, n_rows, metrics=metrics, quantiles=quantiles, split_every=split_every,
@@ -197,6 +228,6 @@ def compute_shards(
     result.extra["source"] = "partials" if all(used) else ("data" if not any(used) else "partials+data")
     if len(public) > 1:
         result.extra["shards"] = len(public)
-    if any(s is not None for s in summaries):
+    if any(d.get("ids") is not None for d in public):
         result.extra.update(duplicate_report([e for _, _, e, _ in shared]))
     return result

@@ -164,3 +164,21 @@ def test_ids_with_some_batches_only_are_refused(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="with every batch of an epoch, or with none"):
             rec.update(t[4:], p[4:], ids=np.arange(4, 8))
         assert rec.rows == 4
+
+
+def test_intervals_count_each_id_once(tmp_path: Path) -> None:
+    from oocmetrics.intervals import stored_intervals
+
+    t, p = data(300)
+    ids = np.arange(300) % 250  # the last 50 rows repeat the first 50 ids
+    t[250:], p[250:] = t[:50], p[:50]
+    with record(tmp_path / "run", t, p, ids, [7] * 42 + [6], chunk_rows=10):
+        pass
+    ci = stored_intervals(tmp_path / "run", "val", n_boot=200)
+    exact = compute_stored(tmp_path / "run", "val")
+    assert ci["source"] == "stored partials" and ci["blocks"] == 30
+    assert any("50 duplicate rows" in note for note in ci["notes"])
+    for name in ("mse", "mae", "r2"):
+        assert ci["estimate"][name] == pytest.approx(exact.overall[name], rel=1e-12)
+        low, high = ci["overall"][name]
+        assert low <= exact.overall[name] <= high
