@@ -236,14 +236,85 @@ def test_custom_getter_and_argument_checks(tmp_path):
         OOCMetricsCallback(metrics=["mape"])
 
 
-def test_ddp_world_size_is_refused(tmp_path):
-    cb = OOCMetricsCallback()
+DDP_SCRIPT = """
+import json, sys
+import numpy as np
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from oocmetrics.integrations.lightning import OOCMetricsCallback
 
-    class FakeTrainer:
-        world_size = 2
+N, D, J = 103, 4, 3  # 103 samples: DistributedSampler pads rank 1 with a copy of sample 0
 
-    with pytest.raises(NotImplementedError, match="sample ids"):
-        cb.setup(FakeTrainer(), Reg(), "fit")  # type: ignore[arg-type]
+class Data(Dataset):
+    def __init__(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(N, D, generator=g)
+        self.y = self.x @ torch.randn(D, J, generator=g) + 0.1 * torch.randn(N, J, generator=g)
+    def __len__(self):
+        return N
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+class Reg(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(D, J)
+        self.seen = []
+    def training_step(self, batch, batch_idx):
+        x, y, ids = batch
+        y_hat = self.lin(x)
+        return {"loss": torch.nn.functional.mse_loss(y_hat, y), "y_true": y, "y_pred": y_hat, "ids": ids}
+    def validation_step(self, batch, batch_idx):
+        x, y, ids = batch
+        y_hat = self.lin(x)
+        if self.trainer.current_epoch == self.trainer.max_epochs - 1 and not self.trainer.sanity_checking:
+            self.seen.append((ids.numpy().copy(), y.double().numpy(), y_hat.double().numpy()))
+        return {"y_true": y, "y_pred": y_hat, "ids": ids}
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+out = sys.argv[1]
+cb = OOCMetricsCallback(dirpath=out + "/store", chunk_rows=8)
+trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                     callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=2, default_root_dir=out)
+model = Reg()
+trainer.fit(model, DataLoader(Data(1), batch_size=10), DataLoader(Data(2), batch_size=10))
+rank = trainer.global_rank
+ids, t, p = (np.concatenate(a) for a in zip(*model.seen))
+np.savez(f"{out}/rank{rank}.npz", ids=ids, t=t, p=p)
+logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+res = cb.results["val"]
+json.dump({"logged": logged, "n_rows": res.n_rows, "dups": res.extra["duplicate_rows"]},
+          open(f"{out}/rank{rank}.json", "w"))
+"""
+
+
+def test_ddp_two_processes_log_exact_values_over_unique_samples(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[0] == got[1]  # every rank logs the same values
+    assert got[0]["n_rows"] == N and got[0]["dups"] == 1
+    # the reference: each rank's predictions of the last val epoch, copies dropped (first wins), float64
+    parts = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    ids = np.concatenate([q["ids"] for q in parts])
+    _, first = np.unique(ids, return_index=True)
+    t = np.concatenate([q["t"] for q in parts])[first]
+    p = np.concatenate([q["p"] for q in parts])[first]
+    ref = oocmetrics.compute_arrays(t, p)
+    assert len(first) == N
+    for name, value in ref.items():
+        assert got[0]["logged"][f"val_{name}"] == pytest.approx(value, rel=1e-12, abs=0), name
 
 
 def test_import_oocmetrics_does_not_import_lightning():

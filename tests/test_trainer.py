@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+import oocmetrics
+
 from trainer.config import ConfigError, RunConfig, preset
 from trainer.data import WindowDataset, make_loader, scan_dir
 from trainer.memory import RssSampler, lifetime_max_rss_mb
@@ -457,3 +459,38 @@ def test_device_flag_and_loader_workers(tmp_path: Path, cache: Path, capsys: pyt
         assert "no CUDA device" in capsys.readouterr().err
     assert main(smoke_args(tmp_path / "bad", cache, "--device", "tpu")) == 2
     assert "device" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks_report_the_metrics_of_one_process(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m trainer.run --config smoke`: gloo on CPU, 11 val windows (odd: the
+    sampler pads one copy). Every window counted once; values equal one process over the same windows."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "trainer.run", *smoke_args(out, tmp_path / "cache"), "--epochs", "1", "--eval-stride", "90"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("done in") == 1  # rank 0 alone prints and writes the run files
+    rows = read_history(out)
+    final = json.loads((out / "final_metrics.json").read_text())
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    cfg = RunConfig.from_dict(ckpt["config"])
+    splits = scan_dir(ensure_synthetic(cfg.data), window=cfg.data.window)
+    model = build_model(cfg.model, splits.in_channels, splits.joints)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    for split, recs in (("val", splits.val), ("test", splits.test)):
+        ds = WindowDataset(recs, window=cfg.data.window, stride=cfg.data.eval_stride)
+        assert len(ds) == 11
+        row = next(r for r in rows if r["split"] == split)
+        assert row["n_rows"] == 11 and final[split]["duplicate_rows"] == 1
+        assert final[split]["conflicting_predictions"] == 0  # same weights on both ranks: equal copies
+        with torch.inference_mode():
+            t = torch.stack([ds[i][1] for i in range(len(ds))]).numpy()
+            p = model(torch.stack([ds[i][0] for i in range(len(ds))])).numpy()
+        ref = reference_metrics(t.reshape(-1, splits.joints), p.reshape(-1, splits.joints))
+        for k in METRICS:
+            assert row[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7), (split, k)
+        # the stored shards, read after the run in one process: the bits every rank computed
+        after = oocmetrics.compute_stored(out / "metrics", split)
+        assert after.extra["shards"] == 2
+        assert {k: after.overall[k] for k in METRICS} == {k: row[k] for k in METRICS}

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainer.config import DataConfig
 from trainer.synthetic import ensure_synthetic
 
-__all__ = ["DataError", "Recording", "Splits", "load_splits", "scan_dir", "WindowDataset", "make_loader"]
+__all__ = ["DataError", "Recording", "Splits", "load_splits", "scan_dir", "WindowDataset", "Indexed", "make_loader"]
 
 SPLITS = ("train", "val", "test")
 _FORMAT = "a directory of <name>_x.npy (T, C) / <name>_y.npy (T, J) pairs (see docs/TRAINER.md)"
@@ -206,13 +206,36 @@ class WindowDataset(Dataset):
                 torch.from_numpy(np.array(y[sl], dtype=np.float32)))
 
 
+class Indexed(Dataset):
+    """``ds`` whose item i is ``(x, y, i)``: the window's index is its sample id for oocmetrics."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x, y = self.ds[i]
+        return x, y, i
+
+
 def make_loader(ds: WindowDataset, *, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, with_ids: bool = False,
+                shard: tuple[int, int] | None = None) -> DataLoader:
     """Batches of (x, y) of shape (B, window, C), (B, window, J); shuffled by ``seed`` if asked.
 
     ``workers`` > 0 loads batches in that many processes; ``pin_memory`` (for a CUDA model) puts them
-    in page-locked memory so the host-to-device copy can run asynchronously.
+    in page-locked memory so the host-to-device copy can run asynchronously. ``with_ids``: batches
+    are (x, y, ids), ids the windows' dataset indices. ``shard=(rank, world_size)``: this DDP rank's
+    part of the data (``DistributedSampler``, which pads the last shards with copies of the first
+    windows; their ids let oocmetrics count each window once).
     """
+    data: Dataset = Indexed(ds) if with_ids else ds
+    if shard is not None:
+        sampler = DistributedSampler(data, num_replicas=shard[1], rank=shard[0], shuffle=shuffle, seed=seed)
+        return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          pin_memory=pin_memory, persistent_workers=False)
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=False)

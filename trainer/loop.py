@@ -67,11 +67,29 @@ def _begin(rec: oocmetrics.Recorder, epoch: int, rss: RssSampler | None) -> None
         rss.reset()  # this epoch's peak starts now
 
 
+def _global(loss_sum: float, rows: int, n_batches: int) -> tuple[float, int, int]:
+    """Sums over the DDP ranks (loss and rows include the copies DistributedSampler pads in)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return loss_sum, rows, n_batches
+    t = torch.tensor([loss_sum, rows, n_batches], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return float(t[0]), int(t[1]), int(t[2])
+
+
+def _batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x, y) or (x, y, ids) from a loader."""
+    x, y, *rest = batch
+    return x, y, (rest[0] if rest else None)
+
+
 def _finish(rec: oocmetrics.Recorder, split: str, epoch: int, loss_sum: float, rows: int,
             n_batches: int, t0: float, rss: RssSampler | None) -> EpochResult:
     t1 = time.perf_counter()
-    res = rec.compute()  # exact over every stored row of this epoch
+    res = rec.compute()  # exact over every stored row of this epoch (of every rank, under DDP)
     t2 = time.perf_counter()
+    loss_sum, rows, n_batches = _global(loss_sum, rows, n_batches)
     return EpochResult(
         split=split, epoch=epoch, loss=loss_sum / rows if rows else math.nan,
         metrics={k: float(v) for k, v in res.overall.items()}, n_rows=int(res.n_rows),
@@ -98,7 +116,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     n_batches, loss_sum, rows = len(loader), 0.0, 0
     bar = _bar(loader, f"epoch {epoch} train", progress)
     write = tqdm.write if not bar.disable else log
-    for i, (x, y) in enumerate(bar):
+    for i, batch in enumerate(bar):
+        x, y, ids = _batch(batch)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         pred = model(x)
         loss = loss_fn(pred, y)
@@ -107,7 +126,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        rec.update(y, pred)  # y_true first; the recorder detaches and copies `pred` itself
+        rec.update(y, pred, ids=ids)  # y_true first; the recorder detaches and copies `pred` itself
         batch_loss = loss.item()  # a device sync point on GPU; free on CPU
         loss_sum += batch_loss * y.shape[0]
         rows += y.shape[0]
@@ -132,10 +151,11 @@ def validate_epoch(model: nn.Module, loader: Iterable, rec: oocmetrics.Recorder,
     t0 = time.perf_counter()
     n_batches, loss_sum, rows = len(loader), 0.0, 0
     bar = _bar(loader, f"epoch {epoch} {split}", progress)
-    for i, (x, y) in enumerate(bar):
+    for i, batch in enumerate(bar):
+        x, y, ids = _batch(batch)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         pred = model(x)
-        rec.update(y, pred)
+        rec.update(y, pred, ids=ids)
         loss_sum += loss_fn(pred, y).item() * y.shape[0]
         rows += y.shape[0]
         if rss is not None and i % _SAMPLE_EVERY == 0:

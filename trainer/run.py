@@ -5,6 +5,12 @@
     python -m trainer.run --config seed_scale --epochs 1    # the seed's 11,014 batches / epoch
     python -m trainer.run --data my_recordings/             # your data (docs/TRAINER.md)
     python -m trainer.run --config smoke --epochs 4 --resume   # continue runs/smoke up to epoch 4
+    torchrun --nproc_per_node 2 -m trainer.run --config smoke   # DDP: 2 processes (gloo on CPU, NCCL on GPUs)
+
+Under ``torchrun`` each rank trains on its shard of the data (DistributedSampler), records its own
+predictions with the windows' dataset indices as sample ids, and every rank gets the same exact
+metrics over the whole split, each window counted once (the sampler's padded copies left out).
+Rank 0 alone writes the run files.
 
 A run directory (``--out``, default ``runs/<config name>``) gets: ``metrics/`` (the oocmetrics
 store, one group per split), ``checkpoint.pt`` (after every epoch), ``config.json``,
@@ -85,13 +91,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any] 
     return resumed, ckpt
 
 
-def _setup_torch(cfg: RunConfig) -> None:
+def _setup_torch(cfg: RunConfig, world_size: int = 1) -> None:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # Small convs gain little from a second thread, and OpenMP threads spin badly when a core is
     # busy (10x slower steps measured on a shared 2-core machine): keep a core for the writer.
-    torch.set_num_threads(cfg.train.threads or max(1, cores - 1))
+    torch.set_num_threads(cfg.train.threads or max(1, (cores - 1) // world_size))
     try:
         torch.set_num_interop_threads(1)  # one process, no inter-op parallelism to exploit
     except RuntimeError:  # already set (e.g. a second run in the same process)
@@ -101,8 +107,9 @@ def _setup_torch(cfg: RunConfig) -> None:
     torch.manual_seed(cfg.train.seed)
 
 
-def _device(name: str) -> Any:
-    """The torch device for ``--device``: auto picks CUDA when one is available."""
+def _device(name: str, local_rank: int = 0) -> Any:
+    """The torch device for ``--device``: auto picks CUDA when one is available (under torchrun, the
+    rank's own GPU, ``LOCAL_RANK``)."""
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
@@ -110,7 +117,27 @@ def _device(name: str) -> Any:
                           "False); use --device auto or cpu.")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def _init_distributed(device_name: str) -> tuple[int, int, int, bool]:
+    """(rank, world_size, local_rank, started): joins the process group torchrun describes in the
+    environment (``WORLD_SIZE`` > 1): NCCL for CUDA, gloo on CPU. (0, 1, 0, False) otherwise."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0, False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank, False
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank, True
 
 
 def _say(msg: str) -> None:
@@ -121,7 +148,21 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
     """Train ``cfg.train.epochs`` epochs (from ``ckpt`` if given), then evaluate on test.
 
     Returns the history rows. Raises DataError / ConfigError for unusable data or config.
+    Under torchrun (``WORLD_SIZE`` > 1) it joins the process group first, and leaves it at the end.
     """
+    import torch
+
+    t_start = time.perf_counter()
+    rank, world, local_rank, started = _init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, ckpt, rank, world, local_rank, t_start)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: RunConfig, ckpt: dict[str, Any] | None, rank: int, world: int, local_rank: int,
+           t_start: float) -> list[dict[str, Any]]:
     import oocmetrics
     import torch
 
@@ -131,45 +172,53 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
     from trainer.model import build_model
     from trainer.report import NO_MATPLOTLIB, can_plot, format_table, plot_history, write_history, write_json
 
-    t_start = time.perf_counter()
-    plots = can_plot()  # at start-up, not when epoch 0 ends: say once that history.png will be missing
-    if not plots:
+    main_rank = rank == 0  # writes the run files and prints; every rank records and computes
+    _say = globals()["_say"] if main_rank else (lambda msg: None)
+    plots = can_plot() and main_rank  # at start-up, not when epoch 0 ends: say once that history.png will be missing
+    if main_rank and not can_plot():
         print(f"warning: {NO_MATPLOTLIB}", file=sys.stderr, flush=True)
     d, tc = cfg.data, cfg.train
     splits = load_splits(d)  # validate the data before touching --out
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:  # a fresh run: nothing of an earlier run in --out may survive to confuse --resume
+    if ckpt is None and main_rank:  # a fresh run: nothing of an earlier run in --out may survive to confuse --resume
         for name in _RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    _setup_torch(cfg)
+    _setup_torch(cfg, world)
     train_ds = WindowDataset(splits.train, window=d.window, stride=d.stride)
     val_ds = WindowDataset(splits.val, window=d.window, stride=d.eval_stride)
     test_ds = WindowDataset(splits.test, window=d.window, stride=d.eval_stride)
-    device = _device(tc.device)
-    load_kw = dict(batch_size=tc.batch_size, workers=tc.workers, pin_memory=device.type == "cuda")
+    device = _device(tc.device, local_rank)
+    shard = (rank, world) if world > 1 else None
+    load_kw = dict(batch_size=tc.batch_size, workers=tc.workers, pin_memory=device.type == "cuda",
+                   with_ids=True, shard=shard)
     val_loader = make_loader(val_ds, shuffle=False, **load_kw)
     test_loader = make_loader(test_ds, shuffle=False, **load_kw)
 
-    model = build_model(cfg.model, splits.in_channels, splits.joints).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    net = build_model(cfg.model, splits.in_channels, splits.joints).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     history: list[dict[str, Any]] = []
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history, start = list(ckpt["history"]), int(ckpt["epoch"]) + 1
-    write_json(out / "config.json", cfg.to_dict())
+    model = net
+    if world > 1:  # gradients averaged over the ranks; checkpoints save the plain module (net)
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+    if main_rank:
+        write_json(out / "config.json", cfg.to_dict())
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in net.parameters())
     _say(f"run {cfg.name!r} -> {out}  ({'resuming at epoch ' + str(start) if ckpt else 'fresh run'})")
     _say(f"data {splits.root}: {splits.in_channels} channels -> {splits.joints} outputs; windows of "
          f"{d.window}: train {len(train_ds)} ({-(-len(train_ds) // tc.batch_size)} batches of "
          f"{tc.batch_size}), val {len(val_ds)}, test {len(test_ds)}")
-    _say(f"model TCN: {n_params} parameters, receptive field {model.receptive_field} steps; "
-         f"device {device}; torch threads {torch.get_num_threads()}; loader workers {tc.workers}")
+    _say(f"model TCN: {n_params} parameters, receptive field {net.receptive_field} steps; "
+         f"device {device}; torch threads {torch.get_num_threads()}; loader workers {tc.workers}"
+         f"{f'; DDP: {world} ranks' if world > 1 else ''}")
 
-    progress = tc.progress and sys.stderr.isatty()
+    progress = tc.progress and sys.stderr.isatty() and main_rank
     mode = "resume" if ckpt is not None else "overwrite"
     store = str(out / "metrics")
     # Resuming at epoch `start` replaces what a crashed run stored for epochs >= start (when the
@@ -197,8 +246,9 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
                  f"val {va.seconds:.1f} s; peak RSS train {tr.peak_rss_mb:.0f} MiB "
                  f"(anonymous {tr.peak_anon_mb:.0f}), val {va.peak_rss_mb:.0f} MiB")
             _say(format_table([tr.row(), va.row()]))
-            save_checkpoint(out, model=model, optimizer=optimizer, cfg=cfg, epoch=epoch, history=history)
-            write_history(out, history)
+            if main_rank:
+                save_checkpoint(out, model=net, optimizer=optimizer, cfg=cfg, epoch=epoch, history=history)
+                write_history(out, history)
             if plots:
                 plot_history(out / "history.png", history, title=f"{cfg.name}: {out}")
             last = epoch
@@ -208,11 +258,12 @@ def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, 
     details["test"] = te.details
     _say(f"test after epoch {last}: {te.seconds:.1f} s, peak RSS {te.peak_rss_mb:.0f} MiB")
     _say(format_table([te.row()]))
-    save_checkpoint(out, model=model, optimizer=optimizer, cfg=cfg, epoch=last, history=history)
-    write_history(out, history)
+    if main_rank:
+        save_checkpoint(out, model=net, optimizer=optimizer, cfg=cfg, epoch=last, history=history)
+        write_history(out, history)
+        write_json(out / "final_metrics.json", details)
     if plots:
         plot_history(out / "history.png", history, title=f"{cfg.name}: {out}")
-    write_json(out / "final_metrics.json", details)
     _say(f"done in {time.perf_counter() - t_start:.1f} s; process peak RSS {lifetime_max_rss_mb():.0f} MiB; "
          f"wrote {out}/history.json, history.csv{', history.png' if plots else ''}, checkpoint.pt, final_metrics.json")
     return history

@@ -134,7 +134,8 @@ class OOCMetricsEval:
         self.per_output = bool(per_output)
         self.prefix = prefix
         self._metrics = None if metrics is None else list(metrics)
-        self._kwargs = dict(recorder_kwargs)
+        # process 0 alone records the already-gathered batches: its Recorder must not act as a DDP shard
+        self._kwargs = {**recorder_kwargs, "distributed": False}
         self.last_result: EpochMetrics | None = None
         """The full result of the last finished evaluation (``per_output``, ``n_rows``, ``epoch``, ...)."""
         self._rank0 = _process_rank() == 0

@@ -21,9 +21,14 @@ prediction of a LightningModule into an oocmetrics store and logs exact epoch me
 Contract of the default ``get_targets_preds``: ``training_step`` / ``validation_step`` /
 ``test_step`` return a dict holding ``"y_true"`` and ``"y_pred"`` (or ``"target"`` and
 ``"preds"``), torch tensors (any device; ``requires_grad`` is fine) or NumPy arrays, rows on axis 0,
-outputs on the last axis. Anything else raises a ``TypeError`` saying what to return. Pass your own
-``get_targets_preds(batch, outputs, pl_module) -> (y_true, y_pred)`` (y_true FIRST) for any other
-layout; it may return None to leave a batch out.
+outputs on the last axis, and optionally ``"ids"``: each row's sample id (e.g. its dataset index).
+Anything else raises a ``TypeError`` saying what to return. Pass your own
+``get_targets_preds(batch, outputs, pl_module) -> (y_true, y_pred)`` or ``(y_true, y_pred, ids)``
+(y_true FIRST) for any other layout; it may return None to leave a batch out.
+
+DDP (``strategy="ddp"``): each rank records its own shard of the store and every rank logs the same
+exact values over all ranks' samples. ``DistributedSampler`` pads the last ranks with copies of the
+first samples; give ids (``"ids"`` in the step's dict) so that each sample is counted once.
 
 Importing this module imports ``lightning``; ``import oocmetrics`` does not.
 """
@@ -50,16 +55,18 @@ _RESERVED = ("path", "split", "epoch", "mode")
 GetTargetsPreds = Callable[[Any, Any, "pl.LightningModule"], "tuple[Any, Any] | None"]
 
 
-def default_get_targets_preds(batch: Any, outputs: Any, pl_module: "pl.LightningModule") -> tuple[Any, Any]:
-    """``(outputs["y_true"], outputs["y_pred"])``, or ``(outputs["target"], outputs["preds"])``."""
+def default_get_targets_preds(batch: Any, outputs: Any, pl_module: "pl.LightningModule") -> tuple[Any, ...]:
+    """``(outputs["y_true"], outputs["y_pred"])``, or ``(outputs["target"], outputs["preds"])``, with
+    ``outputs["ids"]`` as a third item when the dict has it."""
     return _targets_preds_from(outputs, "the *_step")
 
 
-def _targets_preds_from(outputs: Any, step: str) -> tuple[Any, Any]:
+def _targets_preds_from(outputs: Any, step: str) -> tuple[Any, ...]:
     if isinstance(outputs, Mapping):
         for t_key, p_key in _KEY_PAIRS:
             if t_key in outputs and p_key in outputs:
-                return outputs[t_key], outputs[p_key]
+                ids = outputs.get("ids")
+                return (outputs[t_key], outputs[p_key]) if ids is None else (outputs[t_key], outputs[p_key], ids)
     got = (f"a dict with keys {sorted(map(str, outputs))}" if isinstance(outputs, Mapping)
            else f"{type(outputs).__name__}")
     raise TypeError(
@@ -85,9 +92,10 @@ class OOCMetricsCallback(pl.Callback):
     """Record train / val / test predictions into an oocmetrics store; log exact epoch metrics.
 
     Args:
-        get_targets_preds: ``(batch, outputs, pl_module) -> (y_true, y_pred)``, called at every batch
-            end with the ``*_step`` return value as ``outputs``; None to skip a batch. Default:
-            :func:`default_get_targets_preds` (a dict with ``y_true``/``y_pred`` or ``target``/``preds``).
+        get_targets_preds: ``(batch, outputs, pl_module) -> (y_true, y_pred[, ids])``, called at every
+            batch end with the ``*_step`` return value as ``outputs``; None to skip a batch. Default:
+            :func:`default_get_targets_preds` (a dict with ``y_true``/``y_pred`` or ``target``/``preds``,
+            and optionally ``ids``).
         splits: which of ``"train"``, ``"val"``, ``"test"`` to record.
         dirpath: the store (a directory). Default: ``<trainer.log_dir or trainer.default_root_dir>/oocmetrics``,
             decided at ``setup``; the path used is ``callback.dirpath``.
@@ -115,7 +123,10 @@ class OOCMetricsCallback(pl.Callback):
           batches); val/test metrics are of the weights at that evaluation.
         - Recorders are closed at ``teardown`` (the last epoch marked complete). On an exception the
           recorded rows are made durable but the epoch is not marked complete.
-        - Single process only for now: ``trainer.world_size > 1`` raises NotImplementedError.
+        - DDP: every rank records its shard (``<split>.rank<r>`` in the store); at epoch end all ranks
+          compute together and log the same values, each sample id counted once. Without ids under
+          DDP the epoch end raises a ValueError on every rank (the sampler's padded copies would
+          count twice).
     """
 
     def __init__(
@@ -158,13 +169,6 @@ class OOCMetricsCallback(pl.Callback):
 
     # ----------------------------------------------------------------------------- lifecycle
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if trainer.world_size > 1:
-            raise NotImplementedError(
-                f"OOCMetricsCallback records one process only, and this trainer has world_size="
-                f"{trainer.world_size}: under DDP each rank sees its own shard (and the sampler pads "
-                f"with duplicates), so exact metrics need sample ids to de-duplicate; DDP support comes "
-                f"with sample ids. Use a single device, or drop the callback for distributed runs."
-            )
         splits = [s for s in _STAGE_SPLITS.get(stage, ()) if s in self.splits]
         if not splits:
             return
@@ -300,10 +304,11 @@ class OOCMetricsCallback(pl.Callback):
             pair = self.get_targets_preds(batch, outputs, pl_module)
         if pair is None:
             return
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        if not (isinstance(pair, (tuple, list)) and len(pair) in (2, 3)):
             raise TypeError(
                 f"OOCMetricsCallback: get_targets_preds returned {type(pair).__name__} at "
-                f"{_STEP[split]}; expected a tuple (y_true, y_pred), or None to skip the batch."
+                f"{_STEP[split]}; expected a tuple (y_true, y_pred) or (y_true, y_pred, ids), or None "
+                f"to skip the batch."
             )
         name = split if not dataloader_idx else f"{split}_dl{dataloader_idx}"
         begun = self._begun[split]
@@ -312,20 +317,29 @@ class OOCMetricsCallback(pl.Callback):
         else:
             stream = self._begin(split, name, self._epoch[split])
             begun.add(name)
-        stream.rec.update(pair[0], pair[1])
+        stream.rec.update(pair[0], pair[1], ids=pair[2] if len(pair) == 3 else None)
         stream.last = stream.rec.epoch
 
     def _epoch_end(self, pl_module: "pl.LightningModule", split: str) -> None:
         if split not in self._epoch:
             return
-        begun = self._begun.get(split, set())
+        begun = set(self._begun.get(split, set()))
+        epoch = self._epoch[split]
+        ddp = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1
+        if ddp:  # compute() is a collective: every rank joins for every stream any rank recorded
+            everyone: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, sorted(begun))
+            for name in sorted(set().union(*everyone) - begun):
+                self._begin(split, name, epoch)  # nothing recorded here: an empty shard joins
+                begun.add(name)
         self._epoch.pop(split)
         self._begun[split] = set()
         logged: dict[str, torch.Tensor] = {}
         dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
         for name in sorted(begun):
             rec = self._streams[name].rec
-            if rec.rows == 0:
+            if rec.rows == 0 and not ddp:
                 continue
             res = rec.compute()
             self.results[name] = res
