@@ -94,6 +94,11 @@ def test_every_rank_equals_one_process_over_unique_samples(tmp_path: Path, world
         assert after.extra["duplicate_rows"] == got["duplicate_rows"]
         if world > 1:
             assert after.extra["shards"] == world
+            pytest.importorskip("xarray")
+            ds = oocmetrics.open_epoch(store, split, 0)  # the shards in rank order, rows as recorded
+            assert ds.sizes["sample"] == recorded and ds.attrs["shards"] == world
+            np.testing.assert_array_equal(ds["rank"].values, np.repeat(np.arange(world), recorded // world))
+            np.testing.assert_array_equal(np.sort(np.unique(ds["ids"].values)), unique)
     # the resumed recorders wrote epoch 1 in every shard
     assert compute_stored(store, "val_shuffle0").epoch == 1
 

@@ -149,3 +149,17 @@ def test_import_oocmetrics_does_not_import_xarray():
         "assert 'open_epoch' in oocmetrics.__all__ and callable(oocmetrics.open_epoch)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ids_and_groups_are_coordinates(tmp_path):
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(12, 3))
+    with oocmetrics.Recorder(tmp_path / "run", "val", chunk_rows=5) as rec:
+        rec.update(t, t + 1, ids=np.arange(12) % 10, groups=np.arange(12) // 4)
+    ds = oocmetrics.open_epoch(tmp_path / "run", "val")
+    np.testing.assert_array_equal(ds["ids"].values, np.arange(12) % 10)
+    np.testing.assert_array_equal(ds["groups"].values, np.arange(12) // 4)
+    assert ds["ids"].dims == ("sample",) and "note" in ds.attrs
+    # a group's rows, selected through the coordinate (the data stays lazy)
+    group1 = ds.isel(sample=np.flatnonzero(ds["groups"].values == 1))
+    np.testing.assert_array_equal(group1["y_true"].values, t[4:8])
