@@ -119,6 +119,14 @@ def test_smoke_run_writes_outputs_and_exact_val_metrics(tmp_path: Path, cache: P
         assert val[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k
     per_output = json.loads((out / "final_metrics.json").read_text())["val"]["per_output"]["mse"]
     np.testing.assert_allclose(per_output, ((t.astype(np.float64) - p) ** 2).mean(0), rtol=1e-5)
+    # exact |error| quantiles of val in the history, and the per-step curve of every val epoch
+    abs_e = np.abs(t.astype(np.float64) - p)
+    for q in (0.5, 0.9, 0.95, 0.99):
+        assert val[f"abs_err_p{round(q * 100):02d}"] == pytest.approx(np.quantile(abs_e, q), rel=1e-4), q
+    curves = json.loads((out / "val_per_step.json").read_text())
+    assert sorted(curves) == ["0", "1"] and len(curves["1"]["rmse"]) == cfg.data.window
+    err = (t.astype(np.float64) - p).reshape(-1, cfg.data.window, splits.joints)
+    np.testing.assert_allclose(curves["1"]["rmse"], np.sqrt((err**2).mean(axis=(0, 2))), rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -151,6 +151,10 @@ class MetricsConfig:
     order_metrics: bool = field(default=False, metadata=_help(
         "also compute the exact median absolute error (oocmetrics.ORDER_METRICS: a few more passes "
         "over the stored epoch)"))
+    analysis: bool = field(default=True, metadata=_help(
+        "for val and test: exact quantiles (0.5, 0.9, 0.95, 0.99) of |y_true - y_pred| in the history "
+        "(2-3 passes over the stored epoch) and the per-step error curve (val_per_step.json, one more "
+        "pass); plotted in history.png"))
 
     def __post_init__(self) -> None:
         _check(self.chunk_mb > 0, "chunk_mb", "> 0", self.chunk_mb)

@@ -84,15 +84,26 @@ def _batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
     return x, y, (rest[0] if rest else None)
 
 
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+
+
+def quantile_columns(res: oocmetrics.EpochMetrics) -> dict[str, float]:
+    """``abs_err_p50`` ...: exact quantiles of |y_true - y_pred| pooled over every value of the epoch."""
+    if res.quantiles is None:
+        return {}
+    return {f"abs_err_p{round(q * 100):02d}": float(v) for q, v in zip(res.quantiles["q"], res.quantiles["pooled"])}
+
+
 def _finish(rec: oocmetrics.Recorder, split: str, epoch: int, loss_sum: float, rows: int,
-            n_batches: int, t0: float, rss: RssSampler | None) -> EpochResult:
+            n_batches: int, t0: float, rss: RssSampler | None, quantiles: tuple[float, ...] | None = None,
+            ) -> EpochResult:
     t1 = time.perf_counter()
-    res = rec.compute()  # exact over every stored row of this epoch (of every rank, under DDP)
+    res = rec.compute(quantiles=quantiles)  # exact over every stored row of this epoch (of every rank, under DDP)
     t2 = time.perf_counter()
     loss_sum, rows, n_batches = _global(loss_sum, rows, n_batches)
     return EpochResult(
         split=split, epoch=epoch, loss=loss_sum / rows if rows else math.nan,
-        metrics={k: float(v) for k, v in res.overall.items()}, n_rows=int(res.n_rows),
+        metrics={**{k: float(v) for k, v in res.overall.items()}, **quantile_columns(res)}, n_rows=int(res.n_rows),
         n_batches=n_batches, seconds=t2 - t0, compute_seconds=t2 - t1,
         peak_rss_mb=rss.peak_mb if rss is not None else math.nan,
         peak_anon_mb=rss.peak_anon_mb if rss is not None else math.nan, details=res.to_dict())
@@ -144,8 +155,10 @@ def validate_epoch(model: nn.Module, loader: Iterable, rec: oocmetrics.Recorder,
                    split: str = "val",
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
                    progress: bool = False, rss: RssSampler | None = None,
-                   device: torch.device | str = "cpu") -> EpochResult:
-    """Predict every batch of ``loader`` without gradients; exact metrics via ``rec.compute()``."""
+                   device: torch.device | str = "cpu", quantiles: tuple[float, ...] | None = None,
+                   ) -> EpochResult:
+    """Predict every batch of ``loader`` without gradients; exact metrics via ``rec.compute()``
+    (with ``quantiles``: also exact quantiles of |error|, columns ``abs_err_p50``...)."""
     _begin(rec, epoch, rss)
     model.eval()
     t0 = time.perf_counter()
@@ -161,12 +174,12 @@ def validate_epoch(model: nn.Module, loader: Iterable, rec: oocmetrics.Recorder,
         if rss is not None and i % _SAMPLE_EVERY == 0:
             rss.sample()
     bar.close()
-    return _finish(rec, split, epoch, loss_sum, rows, n_batches, t0, rss)
+    return _finish(rec, split, epoch, loss_sum, rows, n_batches, t0, rss, quantiles)
 
 
 def evaluate(model: nn.Module, loader: Iterable, rec: oocmetrics.Recorder, *, epoch: int,
              progress: bool = False, rss: RssSampler | None = None,
-             device: torch.device | str = "cpu") -> EpochResult:
+             device: torch.device | str = "cpu", quantiles: tuple[float, ...] | None = None) -> EpochResult:
     """The final test-split evaluation (``validate_epoch`` labelled ``test``)."""
     return validate_epoch(model, loader, rec, epoch=epoch, split="test", progress=progress, rss=rss,
-                          device=device)
+                          device=device, quantiles=quantiles)

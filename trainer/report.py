@@ -97,8 +97,11 @@ def can_plot() -> bool:
 _PANELS = ("loss", "rmse", "mae", "r2", "pearson_r", "max_error")
 
 
-def plot_history(path: Path, rows: list[dict[str, Any]], title: str = "") -> Path:
-    """Loss and metric curves per split (test as a single marker after the last epoch); needs matplotlib."""
+def plot_history(path: Path, rows: list[dict[str, Any]], title: str = "",
+                 per_step: dict[str, Any] | None = None) -> Path:
+    """Loss and metric curves per split (test as a single marker after the last epoch), the exact
+    |error| quantiles of val per epoch, and val's per-step RMSE of the last epoch (``per_step``:
+    ``{epoch: {"rmse": [...], "mae": [...]}}``); needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +109,11 @@ def plot_history(path: Path, rows: list[dict[str, Any]], title: str = "") -> Pat
     from matplotlib.ticker import MaxNLocator
 
     panels = [p for p in _PANELS if any(p in r for r in rows)]
+    quantile_cols = sorted({k for r in rows for k in r if k.startswith("abs_err_p")})
+    if quantile_cols:
+        panels.append("val |error| quantiles")
+    if per_step:
+        panels.append("val error per step")
     epochs = [r["epoch"] for r in rows] or [0]
     ncols = 3
     nrows = max(1, math.ceil(len(panels) / ncols))
@@ -113,6 +121,27 @@ def plot_history(path: Path, rows: list[dict[str, Any]], title: str = "") -> Pat
     styles = {"train": dict(color="tab:blue", marker="o"), "val": dict(color="tab:orange", marker="s"),
               "test": dict(color="tab:green", marker="*", markersize=12, linestyle="none")}
     for ax, name in zip(axes.flat, panels):
+        if name == "val |error| quantiles":
+            for col in quantile_cols:
+                pts = [(r["epoch"], r[col]) for r in rows if r["split"] == "val" and r.get(col) is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker="s", label=f"q{col[len('abs_err_p'):]}")
+            ax.set_title(name + " (exact)")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+            continue
+        if name == "val error per step":
+            last = max(per_step, key=int)  # type: ignore[arg-type]
+            for key, style in (("rmse", "-"), ("mae", "--")):
+                ax.plot(per_step[last][key], style, label=key)  # type: ignore[index]
+            ax.set_title(f"val error per step (epoch {last})")
+            ax.set_xlabel("step in window")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+            continue
         for split, style in styles.items():
             pts = [(r["epoch"], r[name]) for r in rows if r["split"] == split and r.get(name) is not None]
             if pts:

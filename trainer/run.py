@@ -144,6 +144,20 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _per_step(store: str, split: str, epoch: int, curves: dict[str, Any]) -> dict[str, Any]:
+    """``curves`` plus this epoch's exact per-step error curve of ``split`` (pooled over outputs),
+    from one pass over the stored epoch (oocmetrics.breakdown); 2-D data has no steps: unchanged."""
+    from oocmetrics.breakdown import per_step
+
+    try:
+        res = per_step(store, split, epoch, metrics=("rmse", "mae"), histogram=False)
+    except ValueError:  # (rows, outputs) data: no step axis
+        return curves
+    pooled = res["per_step_pooled"]
+    return {**curves, str(epoch): {"rmse": [float(v) for v in pooled["rmse"]],
+                                   "mae": [float(v) for v in pooled["mae"]]}}
+
+
 def train(cfg: RunConfig, ckpt: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train ``cfg.train.epochs`` epochs (from ``ckpt`` if given), then evaluate on test.
 
@@ -167,7 +181,7 @@ def _train(cfg: RunConfig, ckpt: dict[str, Any] | None, rank: int, world: int, l
     import torch
 
     from trainer.checkpoint import save_checkpoint
-    from trainer.loop import evaluate, train_epoch, validate_epoch
+    from trainer.loop import QUANTILES, evaluate, train_epoch, validate_epoch
     from trainer.memory import RssSampler, lifetime_max_rss_mb
     from trainer.model import build_model
     from trainer.report import NO_MATPLOTLIB, can_plot, format_table, plot_history, write_history, write_json
@@ -228,6 +242,8 @@ def _train(cfg: RunConfig, ckpt: dict[str, Any] | None, rank: int, world: int, l
                   metrics=oocmetrics.ALL_METRICS if cfg.metrics.order_metrics else None)
     last = start - 1
     details: dict[str, Any] = {}
+    qs = QUANTILES if cfg.metrics.analysis else None
+    per_step: dict[str, Any] = {}
     with ExitStack() as stack:
         rss = stack.enter_context(RssSampler())
         recs = {s: stack.enter_context(oocmetrics.Recorder(store, split=s, **rec_kw))
@@ -239,7 +255,10 @@ def _train(cfg: RunConfig, ckpt: dict[str, Any] | None, rank: int, world: int, l
                              grad_clip=tc.grad_clip, log_every=tc.log_every, progress=progress,
                              rss=rss, log=_say)
             va = validate_epoch(model, val_loader, recs["val"], epoch=epoch, progress=progress, rss=rss,
-                                device=device)
+                                device=device, quantiles=qs)
+            if qs is not None and main_rank:
+                per_step = _per_step(store, "val", epoch, per_step)
+                write_json(out / "val_per_step.json", per_step)
             history += [tr.row(), va.row()]
             details.update(train=tr.details, val=va.details)
             _say(f"epoch {epoch} done: train {tr.seconds:.1f} s (metrics {tr.compute_seconds:.1f} s), "
@@ -250,10 +269,11 @@ def _train(cfg: RunConfig, ckpt: dict[str, Any] | None, rank: int, world: int, l
                 save_checkpoint(out, model=net, optimizer=optimizer, cfg=cfg, epoch=epoch, history=history)
                 write_history(out, history)
             if plots:
-                plot_history(out / "history.png", history, title=f"{cfg.name}: {out}")
+                plot_history(out / "history.png", history, title=f"{cfg.name}: {out}", per_step=per_step)
             last = epoch
 
-        te = evaluate(model, test_loader, recs["test"], epoch=last, progress=progress, rss=rss, device=device)
+        te = evaluate(model, test_loader, recs["test"], epoch=last, progress=progress, rss=rss, device=device,
+                      quantiles=qs)
     history = [r for r in history if not (r["split"] == "test" and r["epoch"] == last)] + [te.row()]
     details["test"] = te.details
     _say(f"test after epoch {last}: {te.seconds:.1f} s, peak RSS {te.peak_rss_mb:.0f} MiB")
@@ -263,7 +283,7 @@ def _train(cfg: RunConfig, ckpt: dict[str, Any] | None, rank: int, world: int, l
         write_history(out, history)
         write_json(out / "final_metrics.json", details)
     if plots:
-        plot_history(out / "history.png", history, title=f"{cfg.name}: {out}")
+        plot_history(out / "history.png", history, title=f"{cfg.name}: {out}", per_step=per_step)
     _say(f"done in {time.perf_counter() - t_start:.1f} s; process peak RSS {lifetime_max_rss_mb():.0f} MiB; "
          f"wrote {out}/history.json, history.csv{', history.png' if plots else ''}, checkpoint.pt, final_metrics.json")
     return history
