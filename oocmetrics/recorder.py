@@ -11,24 +11,33 @@ Guarantees (tested with real SIGKILLs, injected ENOSPC, two writers and Ctrl-C):
 - a write failure loses nothing: the rows stay held in memory until ``retry()`` writes them;
 - one writer per split (a file lock); readers need no lock;
 - an epoch is marked complete only by ``reset()`` or ``close()``, never by an exception.
+
+They hold on both paths a batch can take. NumPy arrays and CPU tensors are copied into host chunk
+buffers as above. An epoch whose first batch is a pair of CUDA tensors is staged on the device
+(:class:`~oocmetrics.capture.DeviceStager`): one device copy per batch, each full chunk leaves by one
+non-blocking copy into pinned memory that the writer waits for, so ``update`` never syncs. There
+the NaN/Inf check also runs on the device, per chunk: a bad batch is reported at the next chunk
+boundary (see :class:`Recorder`, ``nonfinite``).
 """
 from __future__ import annotations
 
 import copy
 import os
 import signal
+import sys
 import threading
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, NoReturn
 
 import numpy as np
 
 from oocmetrics.compute import SPLIT_EVERY, Source, block_partials, check_quantiles
 from oocmetrics.errors import StoreError, WriterError
 from oocmetrics.exchange import Exchange, ddp_world
+from oocmetrics.location import is_url
 from oocmetrics.lock import SplitLock
 from oocmetrics.kernels.moments import FIELDS
 from oocmetrics.metrics import EpochMetrics, resolve_metrics
@@ -42,6 +51,28 @@ from oocmetrics.validation import NonFinite, check_batch, check_epoch_number, ch
 
 Mode = Literal["create", "overwrite", "resume"]
 _MB = 1 << 20
+
+# Tests only: route CPU torch tensors through the device path (a DeviceStager on device="cpu") as if
+# they were CUDA tensors, so that path runs on machines without a GPU. Set with monkeypatch.
+_DEVICE_PATH_FOR_CPU_TENSORS = False
+
+
+def _on_device(y_true: Any, y_pred: Any) -> bool:
+    """Whether an epoch starting with this batch takes the device path (a CUDA tensor pair)."""
+    torch = sys.modules.get("torch")  # torch is not a dependency: no torch loaded, no tensors
+    if torch is None or not isinstance(y_true, torch.Tensor) or not isinstance(y_pred, torch.Tensor):
+        return False
+    if _DEVICE_PATH_FOR_CPU_TENSORS and y_true.device.type == y_pred.device.type == "cpu":
+        return True
+    if not (y_true.is_cuda and y_pred.is_cuda):
+        return False
+    from oocmetrics.capture import is_cuda_batch
+
+    return is_cuda_batch(y_true, y_pred)
+
+
+class _WriterFailed(Exception):
+    """Raised by the stager's poll when the writer has failed: it will release no more chunk slots."""
 
 
 @dataclass(frozen=True)
@@ -95,12 +126,21 @@ class Recorder:
         chunk_rows: rows per chunk, instead of ``chunk_mb``.
         queue_chunks: chunks that may wait for the writer; when all are in flight ``update`` blocks
             (backpressure) rather than memory growing. Peak buffer memory is about
-            ``2 * (queue_chunks + 1) * chunk_mb`` MiB.
+            ``2 * (queue_chunks + 1) * chunk_mb`` MiB (for a CUDA epoch: that much device memory,
+            and as much pinned host memory).
         compressors: zarr v3 compressors for the arrays (e.g. ``numcodecs.zarr3.LZ4()``); default
             None: float predictions barely compress and compression slows writing.
         nonfinite: ``"raise"`` (default): a batch with NaN/Inf raises ValueError naming the batch and
             is not recorded. ``"skip"``: store it; pairs where y_true or y_pred is not finite are left
             out of every metric and counted in ``EpochMetrics.n_skipped``.
+            For a CUDA epoch with ``"raise"`` the check runs on the device, without a sync, and is
+            reported at the next chunk boundary: the ``update`` that fills the chunk holding the bad
+            batch, or one after it, or ``flush``/``compute``/``reset``/``close``. The ValueError
+            names the batch; that batch and every batch after it (the one passed to the raising
+            ``update`` included) are dropped, earlier rows are kept, and recording continues (the
+            next batch takes the bad batch's number). ``flush``/``compute``/``reset``/``close``
+            raising it did nothing else: call them again. ``rows``/``batches`` count the staged
+            batches, whose check may still be pending.
         keep_epochs: finished epochs of this split kept on disk besides the one being recorded (None
             keeps all). When an epoch is finished the newest ``max(keep_epochs, 1)`` stay; when the
             next epoch writes its first chunk, the newest ``keep_epochs`` stay. So 0 keeps only the
@@ -124,6 +164,12 @@ class Recorder:
             sample id counted once (pass ``ids=`` to ``update``). False: this process records alone
             (give each rank its own path or split). True: require DDP.
         process_group: the torch.distributed group of the ranks that record together (default: all).
+
+    CUDA batches: an epoch whose first batch is a pair of CUDA tensors is staged on that device
+    (see :mod:`oocmetrics.capture`); its later batches must be tensors on the same device (a
+    TypeError otherwise; the batch is not recorded). Give ``ids``/``groups`` as CPU tensors or NumPy
+    arrays there: CUDA labels are copied to the host, a sync per batch. Building the device buffers
+    at an epoch's first batch pins memory (one sync); the next epochs of the same layout reuse them.
 
     One thread at a time: a second thread calling in while one is inside raises RuntimeError.
     Under DDP every rank must construct the Recorder and call ``compute()`` together (collectives).
@@ -176,6 +222,8 @@ class Recorder:
             raise ValueError(f"distributed={distributed!r}; expected None (auto), True or False.")
         self.metrics = resolve_metrics(metrics)
         self.quantiles = check_quantiles(quantiles)
+        if is_url(path):  # Path() would turn "s3://b/run" into a local directory "s3:/b/run"
+            open_root(path, create=True)  # raises: a Recorder writes to a local path
         self.path = Path(path)
         self.split = split
         self._exchange: Exchange | None = None if distributed is False else ddp_world(process_group)
@@ -204,6 +252,7 @@ class Recorder:
         self._busy = threading.Lock()
         self._spare: list[tuple[np.ndarray, ...]] = []
         self._spare_layout: tuple[Any, ...] | None = None
+        self._spare_stager: Any = None  # the last CUDA epoch's DeviceStager, reset, for the next epoch
         self._last_finished: int | None = None
         self._shard_attrs: dict[str, Any] = {}
         if ex is not None:  # one run id for all ranks: readers combine only shards of the same run
@@ -296,6 +345,7 @@ class Recorder:
         self._dtypes: tuple[np.dtype, np.dtype] | None = None
         self._labels: tuple[str, ...] = ()  # which per-row labels (ids, groups) this epoch stores
         self._chunk_rows = 0
+        self._stager: Any = None  # a CUDA epoch's DeviceStager (oocmetrics.capture); None: host path
         self._pos = _Pos()
         self._sealed_rows = 0  # rows covered by the last flush of a partial chunk
         self._cached: tuple[tuple[Any, ...], EpochMetrics] | None = None
@@ -319,22 +369,32 @@ class Recorder:
     def closed(self) -> bool:
         return self._closed
 
-    def _start_epoch(self, t: np.ndarray, p: np.ndarray, labels: tuple[str, ...]) -> None:
-        trailing = tuple(t.shape[1:])
-        dtypes = (store_dtype(t.dtype), store_dtype(p.dtype))
+    def _chunk_rows_for(self, trailing: tuple[int, ...], dtypes: tuple[np.dtype, np.dtype]) -> int:
         row_bytes = max(1, int(np.prod(trailing, dtype=np.int64))) * max(d.itemsize for d in dtypes)
-        chunk_rows = self._chunk_rows_opt or max(1, int(self._chunk_mb * _MB) // row_bytes)
-        layout = (chunk_rows, trailing, dtypes, labels)
-        if self._spare_layout != layout:
-            self._spare = []  # buffers of the previous epoch fit only the same layout
-        self._spare_layout = layout
-        spec = EpochSpec(
+        return self._chunk_rows_opt or max(1, int(self._chunk_mb * _MB) // row_bytes)
+
+    def _epoch_spec(self, trailing: tuple[int, ...], dtypes: tuple[np.dtype, np.dtype],
+                    labels: tuple[str, ...]) -> EpochSpec:
+        return EpochSpec(
             root=self._root, split=self._dir_split, epoch=self.epoch, trailing=trailing, dtypes=dtypes,
             compressors=self._compressors, run_id=self._run_id, fsync=self.fsync,
             attrs={"split": self.split, "nonfinite": self.nonfinite, "dtypes": [str(d) for d in dtypes],
                    **({"shard": self._shard_attrs} if self._shard_attrs else {})},
             partial_fields=FIELDS, labels=labels,
         )
+
+    def _start_epoch(self, t: np.ndarray, p: np.ndarray, labels: tuple[str, ...]) -> None:
+        trailing = tuple(t.shape[1:])
+        dtypes = (store_dtype(t.dtype), store_dtype(p.dtype))
+        chunk_rows = self._chunk_rows_for(trailing, dtypes)
+        layout = (chunk_rows, trailing, dtypes, labels)
+        if self._spare_layout != layout:
+            self._spare = []  # buffers of the previous epoch fit only the same layout
+        self._spare_layout = layout
+        if self._spare_stager is not None:  # a CUDA epoch's buffers: free that device memory
+            self._spare_stager.close()
+            self._spare_stager = None
+        spec = self._epoch_spec(trailing, dtypes, labels)
 
         def make_buffers() -> tuple[np.ndarray, ...]:
             # Reuse the previous epoch's buffers: fresh chunk-sized allocations each epoch fragment
@@ -352,6 +412,42 @@ class Recorder:
         self._trailing, self._dtypes, self._chunk_rows = trailing, dtypes, chunk_rows
         self._labels = labels
         self._writer = writer
+
+    def _start_device_epoch(self, t: Any, p: Any, labels: tuple[str, ...]) -> None:
+        """The device path's epoch: a DeviceStager (the spare one when its layout fits) and a writer."""
+        from oocmetrics.capture import DeviceStager, tensor_layout
+
+        trailing, dtypes, device = tensor_layout(t, p)
+        chunk_rows = self._chunk_rows_for(trailing, dtypes)
+        check_finite = self.nonfinite == "raise"
+        stager, self._spare_stager = self._spare_stager, None
+        if stager is not None and (stager.chunk_rows, stager.trailing, stager.dtypes, stager.labels, stager.device,
+                                   stager.check_finite) != (chunk_rows, trailing, dtypes, labels, device, check_finite):
+            stager.close()
+            stager = None
+        if stager is None:  # allocates device and pinned memory: pinning syncs, once per layout
+            stager = DeviceStager(chunk_rows, trailing, dtypes, device=device, slots=self._queue_chunks + 1,
+                                  check_finite=check_finite, labels=labels, poll=self._poll_writer)
+        self._spare, self._spare_layout = [], None  # host chunk buffers: not used by a device epoch
+        spec = self._epoch_spec(trailing, dtypes, labels)
+
+        def open_store(rows_per_chunk: int) -> EpochStore:  # runs on the writer thread
+            return self._create_epoch_on_disk(spec, rows_per_chunk)
+
+        writer = ChunkWriter(open_store, chunk_rows, None, n_buffers=self._queue_chunks + 1, reduce=block_partials)
+        self._trailing, self._dtypes, self._chunk_rows = trailing, dtypes, chunk_rows
+        self._labels = labels
+        self._writer = writer
+        self._stager = stager
+
+    def _poll_writer(self) -> None:
+        """The stager's poll while it waits for a slot: give up once the writer has failed.
+
+        Runs under the stager's lock: it must not call the stager.
+        """
+        writer = self._writer
+        if writer is not None and writer.error is not None:
+            raise _WriterFailed
 
     def _create_epoch_on_disk(self, spec: EpochSpec, chunk_rows: int) -> EpochStore:
         """Replace what resume asked to replace, create the epoch, then apply retention."""
@@ -394,11 +490,16 @@ class Recorder:
                 f"Recorder(..., mode='resume') to record more epochs."
             )
 
-    def _raise_writer_error(self) -> None:
+    def _raise_writer_error(self, in_update: bool = False) -> None:
         writer = self._writer
         if writer is None or writer.error is None:
             return
         err, job = writer.error, writer.failed_job
+        if self._stager is not None:
+            from oocmetrics.capture import NonFiniteBatchError
+
+            if isinstance(err, NonFiniteBatchError):
+                self._drop_nonfinite(err, in_update)
         durable = writer.durable_rows
         held = self._pos.rows - durable
         if job is not None and job.kind == "chunk":
@@ -417,6 +518,43 @@ class Recorder:
             f"readable with `python -m oocmetrics compute {self.path} --split {self.split}`."
         ) from err
 
+    def _drop_nonfinite(self, err: Any, in_update: bool) -> None:
+        """A device chunk held NaN/Inf (``err``: NonFiniteBatchError): drop the bad batch and every
+        batch staged after it, keep the rows before it, and raise ValueError saying so."""
+        writer, stager, pos = self._writer, self._stager, self._pos
+        assert writer is not None and stager is not None
+        b, (s, e) = err.batch_index, err.batch_rows
+        last = pos.batches - 1
+        dropped = (f"batch {b} (rows {s}-{e - 1})" if last == b else
+                   f"batches {b}-{last} (rows {s}-{pos.rows - 1}): batch {b} and the {last - b} staged after it")
+        if in_update:
+            dropped += ", and the batch passed to this update() call"
+        kept = f"batches 0-{b - 1} (rows 0-{s - 1}) are kept" if b else "no earlier batch was recorded"
+        where = f", the first at row {err.first_row}" if err.first_row is not None else ""
+        again = "" if in_update else " This call did nothing else: call it again to go on with the kept rows."
+        msg = (
+            f"{err.name} in batch {b} (rows {s}-{e - 1} of epoch {self.epoch}) has non-finite value(s) "
+            f"(NaN/Inf){where}. CUDA batches are checked on the device, per chunk, so it is reported at the "
+            f"boundary of chunk {err.chunk_index}. Not recorded: {dropped}; {kept} and recording continues "
+            f"(the next batch is batch {b}).{again} Fix the data or model, or pass nonfinite='skip' to the "
+            f"Recorder to store non-finite values and leave them out of the metrics (counted in n_skipped)."
+        )
+        with _DeferInterrupt():  # the chunks, the writer's queue and the counts change together
+            stager.rewind(err.chunk, err.valid_rows)  # checks first: if it raises, nothing has changed
+            writer.discard()
+            self._pos = _Pos(stager.rows, stager.batches, stager.fill, stager.chunk_index, None)
+            self._sealed_rows = -1  # a discarded flush may have covered these rows: flush them again
+            self._cached = None
+        raise ValueError(msg) from err
+
+    def _is_nonfinite_report(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the ValueError of :meth:`_drop_nonfinite` (its batches are already dropped)."""
+        if self._stager is None or not isinstance(exc, ValueError):
+            return False
+        from oocmetrics.capture import NonFiniteBatchError
+
+        return isinstance(exc.__cause__, NonFiniteBatchError)
+
     # ----------------------------------------------------------------------------------- public
     def update(self, y_true: Any, y_pred: Any, ids: Any = None, groups: Any = None) -> None:
         """Record one batch: arrays or tensors of shape (batch, *trailing), y_true first.
@@ -432,12 +570,15 @@ class Recorder:
         """
         self._enter("update")
         try:
-            self._raise_writer_error()
+            self._raise_writer_error(in_update=True)
             self._update(y_true, y_pred, ids, groups)
         finally:
             self._busy.release()
 
     def _update(self, y_true: Any, y_pred: Any, ids: Any = None, groups: Any = None) -> None:
+        if self._stager is not None or (self._writer is None and _on_device(y_true, y_pred)):
+            self._update_device(y_true, y_pred, ids, groups)
+            return
         pos = self._pos
         t, p = check_batch(
             y_true, y_pred, trailing=self._trailing, batch_index=pos.batches, row_offset=pos.rows,
@@ -456,11 +597,7 @@ class Recorder:
             self._start_epoch(t, p, tuple(given))
         else:
             if tuple(given) != self._labels:
-                raise ValueError(
-                    f"Batch {pos.batches} came with labels {list(given) or 'none'}, but this epoch's "
-                    f"batches have {list(self._labels) or 'none'} (set by batch 0). Pass ids= / groups= "
-                    f"with every batch of an epoch, or with none."
-                )
+                self._labels_mismatch(given, pos.batches)
             for name, arr, dt in zip(("y_true", "y_pred"), (t, p), self._dtypes):  # type: ignore[arg-type]
                 if not np.can_cast(arr.dtype, dt, "safe"):
                     raise TypeError(
@@ -510,6 +647,51 @@ class Recorder:
             if not committed:
                 for b in taken:
                     writer.release(b)
+
+    def _labels_mismatch(self, given: dict[str, Any], batch: int) -> NoReturn:
+        raise ValueError(
+            f"Batch {batch} came with labels {list(given) or 'none'}, but this epoch's batches have "
+            f"{list(self._labels) or 'none'} (set by batch 0). Pass ids= / groups= with every batch of "
+            f"an epoch, or with none."
+        )
+
+    def _update_device(self, y_true: Any, y_pred: Any, ids: Any, groups: Any) -> None:
+        """One batch of a CUDA epoch: one device copy into the stager's chunk slot, no sync."""
+        from oocmetrics.capture import check_pair
+
+        pos = self._pos
+        t, p = check_pair(y_true, y_pred, pos.batches)  # metadata only
+        given = {name: v for name, v in zip(LABELS, (ids, groups)) if v is not None}
+        labels = [check_labels(v, name, int(t.shape[0]), pos.batches) for name, v in given.items()]
+        if self._writer is None:
+            if self._exchange is not None and "ids" not in given and pos.batches == 0:
+                warnings.warn(
+                    f"oocmetrics: split {self.split!r} is recorded by {self.world_size} DDP ranks but "
+                    f"update() got no ids=; compute() will refuse to combine the ranks, because copies "
+                    f"padded in by DistributedSampler cannot be told apart. Pass each row's dataset index.",
+                    stacklevel=4,
+                )
+            self._start_device_epoch(t, p, tuple(given))
+        elif tuple(given) != self._labels:
+            self._labels_mismatch(given, pos.batches)
+        writer, stager = self._writer, self._stager
+        assert writer is not None and stager is not None
+        try:
+            staged = stager.stage(t, p, labels)  # may raise or be interrupted: nothing changes
+        except _WriterFailed:  # the stager waited for a slot that the failed writer will not release
+            self._raise_writer_error(in_update=True)
+            raise
+        with _DeferInterrupt():  # counting and handing over the chunks happen together
+            ready = stager.commit(staged)
+            if ready:
+                writer.submit([self._ready_job(c) for c in ready])
+            self._pos = _Pos(stager.rows, stager.batches, stager.fill, stager.chunk_index, None)
+
+    @staticmethod
+    def _ready_job(c: Any) -> Job:
+        """The writer's job for a chunk handed out by the stager (``c``: ReadyChunk)."""
+        return Job("chunk", c.index, c.t, c.p, c.n, batches=c.batches, seal=c.sealed, recycle=False,
+                   labels=c.labels or None, ready=c)
 
     def compute(self, source: Source = "auto", quantiles: Any = None) -> EpochMetrics:
         """Exact metrics over every row recorded in the current epoch (flushes to disk first).
@@ -614,6 +796,7 @@ class Recorder:
             else:
                 if self._writer is not None:  # an epoch started by an update that was interrupted
                     self._writer.close()
+                    self._retire_stager()
                     self._new_epoch_state()
                 if epoch is not None:
                     self.epoch = epoch
@@ -629,10 +812,19 @@ class Recorder:
             self._busy.release()
 
     def retry(self) -> None:
-        """After a write failure (e.g. a full disk) has been fixed, write the held rows again."""
+        """After a write failure (e.g. a full disk) has been fixed, write the held rows again.
+
+        A CUDA chunk found to hold NaN/Inf is not written again: retry() raises its ValueError
+        instead, having dropped the bad batch and those after it (see ``nonfinite``).
+        """
         self._enter("retry")
         try:
             if self._writer is not None:
+                if self._stager is not None:
+                    from oocmetrics.capture import NonFiniteBatchError
+
+                    if isinstance(self._writer.error, NonFiniteBatchError):
+                        self._raise_writer_error()  # NaN/Inf in a CUDA chunk: no retry writes it; reported here
                 self._writer.retry()
                 self._writer.wait()
                 self._raise_writer_error()
@@ -664,7 +856,15 @@ class Recorder:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except ValueError as exc:
+                if not self._is_nonfinite_report(exc):
+                    raise
+                # NaN/Inf found at close (a CUDA epoch): as for a NaN batch raised inside the block,
+                # keep the rows before it durable, leave the epoch incomplete, and raise
+                self._abandon(ValueError)
+                raise
             return
         self._abandon(exc_type)
 
@@ -673,8 +873,16 @@ class Recorder:
         if self._closed:
             return
         try:
-            if self._pos.rows > 0:
-                self._flush()
+            try:
+                if self._pos.rows > 0:
+                    self._flush()
+            except ValueError as report:
+                if not self._is_nonfinite_report(report):
+                    raise
+                # a CUDA chunk held NaN/Inf: its batches are dropped now, the rows before them remain
+                warnings.warn(f"oocmetrics: while handling {exc_type.__name__}: {report}", stacklevel=3)
+                if self._pos.rows > 0:
+                    self._flush()
         except BaseException as flush_exc:  # do not mask the exception already on its way
             warnings.warn(
                 f"oocmetrics: flushing {self.path} split {self.split!r} failed while handling "
@@ -688,6 +896,10 @@ class Recorder:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        for stager in (self._stager, self._spare_stager):
+            if stager is not None:
+                stager.close()  # waits for its copies in flight; frees device and pinned memory
+        self._stager = self._spare_stager = None
         self._spare = []
         self._lock.release()
         self._closed = True
@@ -707,12 +919,43 @@ class Recorder:
             return
         self._raise_writer_error()
         pos = self._pos
-        if pos.fill > 0 and pos.buf is not None and self._sealed_rows != pos.rows:
+        if self._stager is not None:
+            if self._stager.fill > 0 and self._sealed_rows != pos.rows:
+                self._flush_device(writer, pos.rows)
+        elif pos.fill > 0 and pos.buf is not None and self._sealed_rows != pos.rows:
             writer.submit([Job("chunk", pos.chunk_index, pos.buf[0], pos.buf[1], pos.fill,
                                batches=pos.batches, seal=True, recycle=False, labels=self._label_bufs(pos.buf))])
             self._sealed_rows = pos.rows
         writer.wait()
         self._raise_writer_error()
+
+    def _flush_device(self, writer: ChunkWriter, rows: int) -> None:
+        """Hand the stager's partial chunk to the writer (sealed: its slot stays for more rows)."""
+        stager = self._stager
+        assert stager is not None
+        # the last flushed chunk is written and released first, so stager.flush() below never waits
+        # (a wait there would hold back Ctrl-C)
+        writer.wait()
+        self._raise_writer_error()
+        try:
+            with _DeferInterrupt():  # a chunk handed out must reach the writer, or its slot is never freed
+                c = stager.flush()
+                if c is not None:
+                    writer.submit([self._ready_job(c)])
+                self._sealed_rows = rows
+        except _WriterFailed:
+            self._raise_writer_error()
+            raise
+
+    def _retire_stager(self) -> None:
+        """The finished CUDA epoch's stager: reset and kept for the next epoch (no new pinned memory)."""
+        stager, self._stager = self._stager, None
+        if stager is None:
+            return
+        stager.reset()  # nothing is handed out: the writer is idle and closed
+        old, self._spare_stager = self._spare_stager, stager
+        if old is not None and old is not stager:
+            old.close()
 
     def _finish(self) -> None:
         """Flush, mark complete, stop the writer, apply retention. On failure nothing changes."""
@@ -724,6 +967,7 @@ class Recorder:
         self._raise_writer_error()
         writer.close()
         self._writer = None
+        self._retire_stager()
         pos = self._pos
         self._spare = writer.drain_free() + ([pos.buf] if pos.buf is not None else [])
         self._last_finished = self.epoch

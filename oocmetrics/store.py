@@ -36,6 +36,7 @@ import numpy as np
 import zarr
 
 from oocmetrics.errors import StoreError, WriterError
+from oocmetrics.location import is_url, location
 
 __all__ = [
     "StoreError", "WriterError", "EpochInfo", "EpochStore", "ChunkWriter", "open_root", "check_split_name",
@@ -105,9 +106,17 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def open_root(path: str | os.PathLike[str], *, create: bool) -> Path:
-    """Check (or create) the store root, refusing a directory that is not an oocmetrics store."""
-    p = Path(path)
+def open_root(path: Any, *, create: bool) -> Path:
+    """Check (or create) the store root, refusing a directory that is not an oocmetrics store.
+
+    For reading (``create=False``) ``path`` may be an fsspec URL (see :mod:`oocmetrics.location`).
+    """
+    if is_url(path) and create:
+        raise StoreError(
+            f"{path} is a URL: a Recorder writes to a local path (it needs atomic renames and file "
+            f"locks). Record locally (or on a shared mount) and read the store from the URL."
+        )
+    p = location(path)
     if p.exists() and not p.is_dir():
         raise StoreError(f"{p} is a file, not a store directory; pass another path.")
     meta = p / "zarr.json"
@@ -213,7 +222,7 @@ def scan_split(split_dir: Path) -> tuple[dict[int, EpochInfo], dict[str, str]]:
     good: dict[int, EpochInfo] = {}
     bad: dict[str, str] = {}
     try:
-        entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
+        entries = sorted(split_dir.iterdir(), key=lambda e: e.name)
     except FileNotFoundError:
         return good, bad
     for entry in entries:
@@ -221,7 +230,7 @@ def scan_split(split_dir: Path) -> tuple[dict[int, EpochInfo], dict[str, str]]:
         if not m or not entry.is_dir():
             continue
         try:
-            good[int(m.group(1))] = EpochInfo.from_dir(Path(entry.path))
+            good[int(m.group(1))] = EpochInfo.from_dir(entry)
         except FileNotFoundError:
             bad[entry.name] = "no zarr.json (not a zarr group)"
         except StoreError as exc:
@@ -509,6 +518,10 @@ class Job:
     seal: bool = False  # a partial last chunk (flush): the buffer stays with the recorder
     recycle: bool = True  # hand the buffers back to the pool once written
     labels: dict[str, np.ndarray] | None = None  # per-row label buffers (ids, groups), part of the buffer set
+    # A chunk staged on a device (``oocmetrics.capture.ReadyChunk``): the writer calls ``ready.wait()``
+    # before reading t/p/labels (it blocks on the copy's event, and raises NonFiniteBatchError for a
+    # chunk holding NaN/Inf), and ``ready.release()`` once the chunk is written. Never recycled.
+    ready: Any = None
 
     def buffers(self) -> tuple[np.ndarray, ...]:
         """The buffer set this job writes from, as :meth:`ChunkWriter.acquire` handed it out."""
@@ -519,7 +532,9 @@ class ChunkWriter:
     """Background thread that creates the epoch on disk and writes its chunks in order.
 
     The caller takes a free buffer set with :meth:`acquire` (which blocks while every buffer is in
-    flight: backpressure) and hands jobs to :meth:`submit`. The epoch is created on disk by
+    flight: backpressure) and hands jobs to :meth:`submit`. Jobs may instead carry a device-staged
+    chunk (``Job.ready``, with ``make_buffers=None``): its buffers belong to the stager, which gets
+    them back by ``ready.release()`` after the write. The epoch is created on disk by
     ``open_store(chunk_rows)`` at the first job, so an epoch with no rows never appears. After a
     failure the thread keeps the failed job and everything after it and waits; :meth:`retry` starts
     again from the failed job. The thread ends only at :meth:`close`.
@@ -527,7 +542,7 @@ class ChunkWriter:
 
     def __init__(
         self, open_store: Callable[[int], EpochStore], chunk_rows: int,
-        make_buffers: Callable[[], tuple[np.ndarray, ...]], n_buffers: int,
+        make_buffers: Callable[[], tuple[np.ndarray, ...]] | None, n_buffers: int,
         reduce: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     ):
         self.store: EpochStore | None = None
@@ -559,6 +574,11 @@ class ChunkWriter:
         are held: a batch spans more chunks than the pool), or the writer has failed, one more pair
         is made rather than wait for ever; extra pairs are dropped again once written.
         """
+        if self._make_buffers is None:
+            raise RuntimeError(
+                "ChunkWriter.acquire() on a writer built with make_buffers=None (device-staged chunks bring "
+                "their own buffers in Job.ready); pass make_buffers to use acquire()."
+            )
         while True:
             try:
                 return self._free.get_nowait()
@@ -604,6 +624,29 @@ class ChunkWriter:
             self.error = None
             self._cv.notify_all()
 
+    def discard(self) -> list[Job]:
+        """Give up the failed job and every job queued after it; clear the failure. Returns them.
+
+        For a failure that retrying cannot fix (a device chunk holding NaN/Inf): the caller has
+        already dropped those rows. Buffers of recycled jobs go back to the pool; device chunks are
+        not released (the stager's ``rewind`` discards them). RuntimeError when nothing has failed
+        (the thread may be writing: jobs cannot be taken back then).
+        """
+        with self._cv:
+            if self.error is None:
+                raise RuntimeError(
+                    "ChunkWriter.discard() with no failure to discard; use wait() to let the jobs finish."
+                )
+            dropped = ([self.failed_job] if self.failed_job is not None else []) + self._jobs
+            self._jobs = []
+            self.failed_job = None
+            self.error = None
+            for job in dropped:
+                if job.kind == "chunk" and job.recycle and job.ready is None:
+                    self._free.put(job.buffers())
+            self._cv.notify_all()
+            return dropped
+
     def drain_free(self) -> list[tuple[np.ndarray, ...]]:
         """The idle buffer pairs (for reuse by the next epoch)."""
         out = []
@@ -627,6 +670,8 @@ class ChunkWriter:
                 self.store.mark_complete(job.batches)
             return
         assert job.t is not None and job.p is not None
+        if job.ready is not None:
+            job.ready.wait()  # the device copy has landed (and the chunk is finite): only now read t/p
         # An epoch that fits in one chunk is stored in a chunk grid of exactly its rows (a padded
         # 8 MiB chunk for a 40-row epoch would be 99% zeros); if it grows later it is rebuilt.
         want = job.n if (job.index == 0 and job.seal) else self.chunk_rows
@@ -656,8 +701,10 @@ class ChunkWriter:
                     self._busy = False
                     self._cv.notify_all()
                 continue
+            if job.ready is not None:
+                job.ready.release()  # before _busy clears: wait() returning means every slot is back
             with self._cv:
-                if job.kind == "chunk" and job.recycle:
+                if job.kind == "chunk" and job.recycle and job.ready is None:
                     if self._made > self._n_buffers:
                         self._made -= 1  # an extra pair made for one big batch: let it go
                     else:

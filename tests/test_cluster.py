@@ -63,3 +63,26 @@ def test_cli_compute_on_a_scheduler_address(client, store: Path, capsys: pytest.
     out = capsys.readouterr().out
     mse = compute_stored(store, "val").overall["mse"]
     assert f"{mse:.8g}" in out
+
+
+def test_workers_read_the_store_from_an_fsspec_url(client, store: Path) -> None:
+    kwargs = {"source": "data", "quantiles": (0.5,)}
+    local = compute_stored(store, "val", scheduler="sync", **kwargs).to_dict()
+    remote = compute_stored(f"file://{store}", "val", scheduler=client, **kwargs).to_dict()
+    assert remote == local
+
+
+def test_a_store_copied_to_another_filesystem_reads_the_same(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    fs.put(str(store), "/oocm-test/run", recursive=True)
+    try:
+        url = "memory://oocm-test/run"
+        assert compute_stored(url, "val", quantiles=(0.9,)).to_dict() == compute_stored(store, "val", quantiles=(0.9,)).to_dict()
+        assert main(["compute", url, "--split", "val"]) == 0
+        assert "duplicate rows left out" in capsys.readouterr().out
+        assert main(["compute", "memory://oocm-test/nothing", "--split", "val"]) == 2
+        with pytest.raises(oocmetrics.StoreError, match="writes to a local path"):
+            oocmetrics.Recorder(url, "val2")
+    finally:
+        fs.rm("/oocm-test", recursive=True)
