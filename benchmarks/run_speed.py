@@ -17,7 +17,13 @@ a pair:
   background writer keeps up (the cost a real loop sees);
 * ``zarr_append``: ``zarr.Array.append`` per batch into zarr v3 arrays at zarr's defaults (auto
   chunks, which are (1, 500, 20) here, and zstd) -- the naive store; ``zarr_append_batchchunk_nocodec``:
-  its best case, one chunk per batch and no codec.
+  its best case, one chunk per batch and no codec;
+* ``zarr_whole_chunks_warm`` (the ingestion target's baseline): zarr alone writing the same bytes as
+  whole 8 MiB chunks (the Recorder's default layout), right after the warm ingestion.
+
+Targets (the guide's aims; each a ratio within one run): ingestion >= 90% of zarr's whole-chunk
+writes of the same bytes; ``update`` <= 2x a memcpy of the batch; ``compute()`` < 1 s after the last
+``update``; a recompute from the data >= 4 GB/s.
 
 Epoch end, at sizes that fit in RAM: ``Recorder.compute()`` against NumPy in RAM
 (``np.concatenate`` of the lists + ``numpy_metrics``) and against loading the stored arrays with
@@ -53,10 +59,8 @@ from common import BATCH_SHAPE, GB, MB, SyntheticEpoch, machine_info, rel_error,
 
 PAIR_BYTES = 2 * 4 * int(np.prod(BATCH_SHAPE))  # y_true + y_pred of one batch
 TARGETS = {
-    "ingestion_gbps": 1.0,  # >= 1 GB/s at default settings
-    "ingestion_vs_zarr_append": 50.0,  # >= 50x zarr's per-batch Array.append
+    "ingestion_vs_zarr_chunks": 0.9,  # >= 90% of zarr's own whole-chunk writes of the same bytes, same disk, same run
     "update_vs_memcpy": 2.0,  # <= 2x one memcpy of the batch
-    "compute_vs_numpy": 3.0,  # >= 3x NumPy in RAM (load + concatenate + compute)
     "compute_after_last_update_s": 1.0,  # compute() from stored partials, timed from the last update
     "recompute_gbps": 4.0,  # compute(source="data"): a full pass over the stored data
 }
@@ -116,6 +120,39 @@ def measure_zarr_chunk_write(path: Path, nbytes: int) -> float:
     dt = time.perf_counter() - c0
     shutil.rmtree(path, ignore_errors=True)
     return n * chunk.nbytes / dt / GB
+
+
+def zarr_whole_chunks(path: Path, pool: list[tuple[Any, Any]], n: int) -> dict[str, float]:
+    """zarr alone writing the bytes of ``n`` batch pairs as whole 8 MiB chunks (the Recorder's default
+    chunk, no codec, preallocated y_true / y_pred arrays, one thread), data copied from the same batch
+    pool into one chunk buffer per array as the Recorder does: the ceiling a chunk writer through zarr
+    can reach on this disk. Wall clock, GB/s of y_true + y_pred."""
+    import zarr
+
+    rows = n * BATCH_SHAPE[0]
+    chunk_rows = (8 << 20) // (PAIR_BYTES // 2 // BATCH_SHAPE[0])
+    arrs = [zarr.create_array(store=str(path / a), shape=(rows, *BATCH_SHAPE[1:]), chunks=(chunk_rows, *BATCH_SHAPE[1:]),
+                              dtype="float32", compressors=None, fill_value=0.0, config={"write_empty_chunks": True})
+            for a in ("y_true", "y_pred")]
+    bufs = [np.empty((chunk_rows, *BATCH_SHAPE[1:]), np.float32) for _ in arrs]
+    c0 = time.perf_counter()
+    fill, start, b = 0, 0, 0
+    for i in range(n):
+        t, p = pool[i % len(pool)]
+        src = (t.numpy(), p.numpy())
+        done = 0
+        while done < BATCH_SHAPE[0]:
+            k = min(BATCH_SHAPE[0] - done, chunk_rows - fill)
+            for buf, x in zip(bufs, src):
+                buf[fill:fill + k] = x[done:done + k]
+            fill, done = fill + k, done + k
+            if fill == chunk_rows or (i == n - 1 and done == BATCH_SHAPE[0]):
+                for arr, buf in zip(arrs, bufs):
+                    arr[start:start + fill] = buf[:fill]
+                start, fill, b = start + fill, 0, b + 1
+    dt = time.perf_counter() - c0
+    shutil.rmtree(path, ignore_errors=True)
+    return {"wall_s": dt, "MBps": n * PAIR_BYTES / dt / 1e6, "chunks": b}
 
 
 def measure_disk_write(path: Path, nbytes: int, fsync: bool) -> float:
@@ -266,6 +303,9 @@ def bench_per_batch(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out["oocmetrics"], times = ingest("ooc-ingest", warm=False)
     out["oocmetrics"]["first_update_ms"] = times[0] * 1e3
     out["oocmetrics_warm"], _ = ingest("ooc-ingest-warm", warm=True)
+    # the baseline of the same bytes: zarr writing whole chunks of the Recorder's default layout
+    pretouch(int(1.2 * n * PAIR_BYTES))
+    out["zarr_whole_chunks_warm"] = zarr_whole_chunks(work / "zarr-whole", pool, n)
 
     root = work / "ooc-paced"
     rec = oocmetrics.Recorder(root, split="speed", mode="overwrite")
@@ -385,14 +425,9 @@ def _t(target: str, value: float, unit: str, goal: float, higher_is_better: bool
 
 
 def targets(pb: dict[str, Any], comp: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for name, label in (("oocmetrics", "as found"), ("oocmetrics_warm", "warm page cache")):
-        rows.append(_t(f"ingestion >= 1 GB/s (default settings, updates + flush, {label})",
-                       pb[name]["MBps"] / 1e3, "GB/s", TARGETS["ingestion_gbps"]))
-    for z, label in (("zarr_append", "zarr defaults: auto chunks + zstd"),
-                     ("zarr_append_batchchunk_nocodec", "one chunk per batch, no codec")):
-        rows.append(_t(f"ingestion >= 50x zarr per-batch Array.append ({label})",
-                       pb["oocmetrics"]["MBps"] / pb[z]["MBps"], "x", TARGETS["ingestion_vs_zarr_append"]))
+    rows = [_t("ingestion >= 90% of zarr's own whole-chunk writes of the same bytes (default settings, updates + "
+               "flush, warm page cache, same run)", pb["oocmetrics_warm"]["MBps"] / pb["zarr_whole_chunks_warm"]["MBps"],
+               "x", TARGETS["ingestion_vs_zarr_chunks"])]
     g = TARGETS["update_vs_memcpy"]
     rows.append(_t("update <= 2x memcpy of the batch (median, back-to-back)",
                    pb["oocmetrics"]["median_ms"] / pb["memcpy"]["median_ms"], "x", g, False))
@@ -403,10 +438,6 @@ def targets(pb: dict[str, Any], comp: list[dict[str, Any]]) -> list[dict[str, An
     rows.append(_t("update <= 2x memcpy of the batch (mean, both with a 2 ms step between batches)",
                    pb["oocmetrics_paced"]["mean_ms"] / pb["memcpy_paced"]["mean_ms"], "x", g, False))
     for c in comp:
-        for key, label in (("speedup_vs_load_compute", "load from store + compute"),
-                           ("speedup_vs_concat_compute", "concatenate lists + compute")):
-            rows.append(_t(f"compute >= 3x NumPy in RAM ({label}, its faster of 2 runs), {c['n_batches']} batches",
-                           c[key], "x", TARGETS["compute_vs_numpy"]))
         rows.append(_t(f"compute() from stored partials < 1 s after the last update, {c['n_batches']} batches",
                        c["ooc_compute_s"], "s", TARGETS["compute_after_last_update_s"], False))
         rows.append(_t(f"recompute from data (compute(source='data')) >= 4 GB/s, {c['n_batches']} batches",
@@ -427,6 +458,9 @@ def print_report(fig: dict[str, float], pb: dict[str, Any], comp: list[dict[str,
         "",
         f"{'per (16,500,20) f32 batch pair':<34}{'median':>10}{'mean':>10}{'p99':>10}{'MB/s':>10}{'x memcpy':>10}",
     ]
+    z = pb["zarr_whole_chunks_warm"]
+    L.insert(1, f"zarr alone, whole 8 MiB chunks of the same {z['MBps'] * z['wall_s'] / 1e3:.2f} GB (warm): "
+                f"{z['MBps'] / 1e3:.2f} GB/s; oocmetrics ingestion (warm) {pb['oocmetrics_warm']['MBps'] / 1e3:.2f} GB/s")
     for name in PER_BATCH_ROWS:
         s = pb[name]
         mbps = f"{s['MBps']:.0f}" if "MBps" in s else "-"

@@ -28,6 +28,7 @@ import re
 import shutil
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -415,7 +416,7 @@ class EpochStore:
         return cls(spec, dest)
 
     def rebuild(
-        self, chunk_rows: int, t: np.ndarray, p: np.ndarray, n: int, batches: int, partials: np.ndarray | None,
+        self, chunk_rows: int, t: np.ndarray, p: np.ndarray, n: int, batches: int, partials: "np.ndarray | Future[np.ndarray] | None",
         labels: dict[str, np.ndarray] | None = None,
     ) -> "EpochStore":
         """The same epoch in another chunk grid, holding rows [0, n) of (t, p), swapped in atomically."""
@@ -450,8 +451,8 @@ class EpochStore:
         return [self.path / name / chunk_key(arr, index) for name, arr in arrays.items()]
 
     def write_chunk(
-        self, index: int, t: np.ndarray, p: np.ndarray, n: int, *, batches: int, partials: np.ndarray | None = None,
-        labels: dict[str, np.ndarray] | None = None,
+        self, index: int, t: np.ndarray, p: np.ndarray, n: int, *, batches: int,
+        partials: "np.ndarray | Future[np.ndarray] | None" = None, labels: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Store rows [index*chunk_rows, +n) of both arrays, their labels (ids, groups) and the chunk's
         partials, then advance the durable row count (so all of them survive a crash with the rows).
@@ -473,6 +474,8 @@ class EpochStore:
                 raise StoreError(f"chunk {index} of {self.path} came without its {name!r}; this is a bug.")
             arr[start:end] = labels[name][:n]
         if self.partials is not None and partials is not None:
+            if isinstance(partials, Future):  # computed while the data above was being written
+                partials = partials.result()
             if self.partials.shape[0] != index + 1:
                 self.partials.resize((index + 1, *self.partials.shape[1:]))
             self.partials[index] = partials
@@ -547,6 +550,7 @@ class ChunkWriter:
     ):
         self.store: EpochStore | None = None
         self._reduce = reduce  # partials of a chunk's rows, computed here while it is in memory
+        self._reducer: ThreadPoolExecutor | None = None
         self.chunk_rows = chunk_rows
         self._open_store = open_store
         self._make_buffers = make_buffers
@@ -662,6 +666,9 @@ class ChunkWriter:
             self._stop = True
             self._cv.notify_all()
         self._thread.join()
+        if self._reducer is not None:
+            self._reducer.shutdown(wait=True)
+            self._reducer = None
 
     # -- writer-thread side ---------------------------------------------------------------------
     def _do(self, job: Job) -> None:
@@ -675,7 +682,14 @@ class ChunkWriter:
         # An epoch that fits in one chunk is stored in a chunk grid of exactly its rows (a padded
         # 8 MiB chunk for a 40-row epoch would be 99% zeros); if it grows later it is rebuilt.
         want = job.n if (job.index == 0 and job.seal) else self.chunk_rows
-        parts = self._reduce(job.t[:job.n], job.p[:job.n]) if self._reduce is not None else None
+        # The chunk's partials are computed on a second thread while its data is written (the numba
+        # kernel and zarr's file writes both release the GIL); write_chunk waits for them before it
+        # stores them and advances the row count.
+        parts: Future | None = None
+        if self._reduce is not None:
+            if self._reducer is None:
+                self._reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oocmetrics-reduce")
+            parts = self._reducer.submit(self._reduce, job.t[:job.n], job.p[:job.n])
         if self.store is None:
             self.store = self._open_store(want)
         elif job.index == 0 and self.store.chunk_rows != want:
