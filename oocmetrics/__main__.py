@@ -5,6 +5,7 @@
     python -m oocmetrics compute runs/exp1 --split val --quantiles 0.5 0.9 0.99   # exact quantiles of |e|
     python -m oocmetrics verify runs/exp1 --split val [--epoch 3]
     python -m oocmetrics compute runs/exp1 --split val --by step [--json steps.json]   # per time step
+    python -m oocmetrics compute runs/exp1 --split val --by group                      # per group
     python -m oocmetrics report runs/exp1 --split val [--epoch 3] [--out DIR]          # PNGs + report.md
 
 ``compute`` merges the partials stored with each chunk (``--source data`` recomputes from the data);
@@ -154,9 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "bootstrap over the stored chunks (see oocmetrics.intervals)")
     p_compute.add_argument("--json", default=None, help="also write the result to this JSON file")
     p_compute.add_argument("--progress", action="store_true", help="show a progress bar")
-    p_compute.add_argument("--by", choices=("step",), default=None,
-                           help="step: every metric per (step, output) of (rows, steps, outputs) data, as JSON "
-                                "(one pass over the data; see oocmetrics.breakdown)")
+    p_compute.add_argument("--by", choices=("step", "group"), default=None,
+                           help="step: every metric per (step, output) of (rows, steps, outputs) data; group: "
+                                "every metric per group (recorded with update(..., groups=)); as JSON, one "
+                                "pass over the data (see oocmetrics.breakdown)")
     p_compute.add_argument("--source", choices=("auto", "partials", "data"), default="auto",
                            help="auto: merge the partials stored with each chunk when they cover the rows; "
                                 "data: recompute from the data (same bits)")
@@ -185,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from oocmetrics.report import cli_report
 
             return cli_report(args)
-        if args.command == "compute" and args.by == "step":
+        if args.command == "compute" and args.by is not None:
             from oocmetrics.breakdown import cli_by_step
 
             return cli_by_step(args)

@@ -433,22 +433,38 @@ def to_json(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def cli_by_step(args: Any) -> int:
-    """``python -m oocmetrics compute STORE --by step``: the per-step breakdown as JSON (stdout or --json)."""
+    """``python -m oocmetrics compute STORE --by step|group``: the per-step or per-group breakdown as
+    JSON (stdout, or ``--json`` with a one-line summary)."""
+    by = getattr(args, "by", "step")
     if getattr(args, "quantiles", None):
-        raise ValueError("--quantiles is not available with --by step (quantiles are per output); drop one of them.")
+        raise ValueError(f"--quantiles is not available with --by {by} (quantiles are per output); drop one of them.")
     if getattr(args, "source", "auto") == "partials":
-        raise ValueError("--by step reads the data (stored partials are per output, not per step); "
-                         "drop --source partials.")
+        raise ValueError(f"--by {by} reads the data (stored partials are per chunk and output); "
+                         f"drop --source partials.")
     from oocmetrics.__main__ import _scheduler  # --scheduler: local threads or a dask.distributed address
 
     with _scheduler(getattr(args, "scheduler", None)) as scheduler:
-        result = per_step(args.path, args.split, args.epoch, metrics=args.metrics, progress=args.progress,
-                          scheduler=scheduler)
+        if by == "group":
+            result = per_group(args.path, args.split, args.epoch, metrics=args.metrics, progress=args.progress,
+                               scheduler=scheduler)
+            if result is None:
+                raise ValueError(
+                    f"--by group: epoch {args.epoch if args.epoch is not None else '(last)'} of split "
+                    f"{args.split!r} stores no groups; record them with update(y_true, y_pred, groups=...)."
+                )
+        else:
+            result = per_step(args.path, args.split, args.epoch, metrics=args.metrics, progress=args.progress,
+                              scheduler=scheduler)
     text = json.dumps(to_json(result), allow_nan=False)
     if not args.json:
         print(text)
         return 0
     Path(args.json).write_text(text)
+    if by == "group":
+        print(f"{args.path} {args.split}: {len(result['groups'])} groups, rows per group from "
+              f"{int(np.min(result['rows']))} to {int(np.max(result['rows']))}")
+        print(f"wrote {args.json}")
+        return 0
     rmse = result["per_step_pooled"]["rmse"]
     ok = np.flatnonzero(~np.isnan(rmse))
     where = ""

@@ -182,3 +182,28 @@ def test_intervals_count_each_id_once(tmp_path: Path) -> None:
         assert ci["estimate"][name] == pytest.approx(exact.overall[name], rel=1e-12)
         low, high = ci["overall"][name]
         assert low <= exact.overall[name] <= high
+
+
+def test_cli_by_group_matches_each_group_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from oocmetrics.__main__ import main
+
+    t, p = data(40)
+    groups = np.repeat([7, 3, 9, 3], 10)  # group 3 in two runs of rows; ids all distinct
+    with oocmetrics.Recorder(tmp_path / "run", "val", chunk_rows=6) as rec:
+        for i in range(0, 40, 8):
+            rec.update(t[i:i + 8], p[i:i + 8], ids=np.arange(i, i + 8), groups=groups[i:i + 8])
+    assert main(["compute", str(tmp_path / "run"), "--split", "val", "--by", "group", "--json",
+                 str(tmp_path / "g.json")]) == 0
+    assert "3 groups" in capsys.readouterr().out
+    got = json.loads((tmp_path / "g.json").read_text())
+    assert got["groups"] == [3, 7, 9] and got["rows"] == [20, 10, 10]
+    for k, g in enumerate(got["groups"]):
+        ref = oocmetrics.compute_arrays(t[groups == g], p[groups == g])
+        for name in ("mse", "mae", "r2"):
+            assert got["overall"][name][k] == pytest.approx(ref.overall[name], rel=1e-12), (g, name)
+    with oocmetrics.Recorder(tmp_path / "plain", "val") as rec:
+        rec.update(t, p)
+    assert main(["compute", str(tmp_path / "plain"), "--split", "val", "--by", "group"]) == 2
+    assert "stores no groups" in capsys.readouterr().err
