@@ -235,3 +235,64 @@ def test_distributed_only_process_0_records(tmp_path):
     assert r0["has_store"] and not r1["has_store"]
     assert r0["outs"] == r1["outs"] and r0["outs"][0]["mse"] > 0
     assert oocmetrics.compute_stored(tmp_path / "store", "eval", epoch=1)["mse"] == r0["outs"][1]["mse"]
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import torch, transformers
+    from oocmetrics import peak_rss_bytes
+    from oocmetrics.integrations.huggingface import OOCMetricsEval
+
+    n, out = int(sys.argv[1]), sys.argv[2]
+    STEPS, J = 500, 20  # the seed's windows: 40 KB of predictions per sample (and as much of labels)
+
+    class Windows(torch.utils.data.Dataset):  # generated per item: the data set is never in RAM
+        def __init__(self, size):
+            self.size = size
+        def __len__(self):
+            return self.size
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"input": torch.randn(STEPS, J, generator=g), "labels": torch.randn(STEPS, J, generator=g)}
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(J))
+        def forward(self, input, labels=None):
+            logits = input * self.w
+            return {"loss": ((logits - labels) ** 2).mean(), "logits": logits}
+
+    metrics = OOCMetricsEval(out + "/store", chunk_mb=2.0)
+    args = transformers.TrainingArguments(output_dir=out + "/hf", per_device_eval_batch_size=16,
+                                          batch_eval_metrics=True, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(Head(), args=args, eval_dataset=Windows(n), compute_metrics=metrics)
+    trainer.evaluate(eval_dataset=Windows(32))  # warm-up on 32 windows: kernels loaded, buffers made
+    before = peak_rss_bytes()
+    res = trainer.evaluate()  # all n windows
+    metrics.close()
+    json.dump({"before": before, "after": peak_rss_bytes(), "mse": res["eval_mse"],
+               "rows": metrics.last_result.n_rows}, open(out + "/rss.json", "w"))
+""")
+
+
+def test_evaluate_peak_rss_does_not_grow_with_the_eval_set(tmp_path):
+    """Eval sets of n and 4n windows of (500, 20), each in its own process: gathering logits and
+    labels would hold 80 KB per window (+72 MB from 300 to 1,200 windows); with the adapter the
+    evaluation adds the same few MB to the process peak (VmHWM) whatever n."""
+    import json
+
+    script = tmp_path / "rss.py"
+    script.write_text(RSS_SCRIPT)
+    grown = {}
+    for n in (300, 1200):
+        out = tmp_path / f"n{n}"
+        out.mkdir()
+        proc = subprocess.run([sys.executable, str(script), str(n), str(out)], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = json.loads((out / "rss.json").read_text())
+        assert got["rows"] == n and np.isfinite(got["mse"])
+        grown[n] = got["after"] - got["before"]  # what evaluating the n windows added to the peak
+    assert grown[1200] < 40e6 and grown[1200] - grown[300] < 15e6, grown
