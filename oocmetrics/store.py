@@ -27,6 +27,7 @@ import queue
 import re
 import shutil
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -305,6 +306,7 @@ def remove_epochs(root: Path, split: str, epochs: list[int]) -> None:
             _discard(path, trash)
 
 
+_STALE_S = 60.0  # a root-level zarr temporary file this old is a crash leftover, not a write in flight
 _PARTIAL_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
@@ -313,10 +315,17 @@ def recover_split(root: Path, split: str) -> None:
 
     Rolls an interrupted swap forward, empties the split's tmp dir, and removes the temporary files
     of zarr writes that a kill cut short (``*.<uuid>.partial``; zarr's listings warn about them).
+    The store root is shared with the writers of other splits (zarr may rewrite the root's
+    ``zarr.json`` while one creates its split): there only leftovers older than a minute go.
     """
+    now = time.time()
     for entry in os.scandir(root):
         if entry.is_file() and _PARTIAL_RE.search(entry.name):
-            os.unlink(entry.path)
+            try:
+                if now - entry.stat().st_mtime > _STALE_S:
+                    os.unlink(entry.path)
+            except FileNotFoundError:  # renamed into place by its writer meanwhile
+                pass
     for dirpath, _, files in os.walk(root / split):
         for name in files:
             if _PARTIAL_RE.search(name):

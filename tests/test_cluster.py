@@ -72,14 +72,19 @@ def test_workers_read_the_store_from_an_fsspec_url(client, store: Path) -> None:
     assert remote == local
 
 
-def test_a_store_copied_to_another_filesystem_reads_the_same(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_store_copied_to_another_filesystem_reads_the_same(client, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fsspec = pytest.importorskip("fsspec")
     fs = fsspec.filesystem("memory")
     fs.put(str(store), "/oocm-test/run", recursive=True)
     try:
         url = "memory://oocm-test/run"
-        assert compute_stored(url, "val", quantiles=(0.9,)).to_dict() == compute_stored(store, "val", quantiles=(0.9,)).to_dict()
-        assert main(["compute", url, "--split", "val"]) == 0
+        # this process's memory filesystem: the cluster's workers (the default client here) cannot see it
+        assert compute_stored(url, "val", quantiles=(0.9,), scheduler="threads").to_dict() == \
+            compute_stored(store, "val", quantiles=(0.9,), scheduler="threads").to_dict()
+        # what the workers see of it: no chunks, which is an error, not zeros
+        with pytest.raises(oocmetrics.StoreError, match="fewer than"):
+            compute_stored(url, "val", source="data", scheduler=client)
+        assert main(["compute", url, "--split", "val", "--scheduler", "threads"]) == 0
         assert "duplicate rows left out" in capsys.readouterr().out
         assert main(["compute", "memory://oocm-test/nothing", "--split", "val"]) == 2
         with pytest.raises(oocmetrics.StoreError, match="writes to a local path"):

@@ -207,3 +207,20 @@ def test_cli_by_group_matches_each_group_alone(tmp_path: Path, capsys: pytest.Ca
         rec.update(t, p)
     assert main(["compute", str(tmp_path / "plain"), "--split", "val", "--by", "group"]) == 2
     assert "stores no groups" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_missing_chunk_file_is_an_error_not_zeros(tmp_path: Path, compressed: bool) -> None:
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from oocmetrics.store import chunk_key
+
+    t, p = data(30)
+    kwargs = {"compressors": [ZstdCodec(level=1)]} if compressed else {}
+    with oocmetrics.Recorder(tmp_path / "run", "val", chunk_rows=10, **kwargs) as rec:
+        rec.update(t, p)
+    arr_dir = tmp_path / "run" / "val" / "epoch=0" / "y_pred"
+    (arr_dir / chunk_key(zarr.open_array(str(arr_dir), mode="r"), 1)).unlink()
+    with pytest.raises(oocmetrics.StoreError, match="is missing: it holds rows 10-19"):
+        compute_stored(tmp_path / "run", "val", source="data")
