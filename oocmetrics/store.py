@@ -403,9 +403,15 @@ class EpochStore:
         self.spec = spec
         self.path = path
         self.group = zarr.open_group(str(path), mode="r+")
-        self.arrays = {name: self.group[name] for name in ARRAYS}
-        self.labels = {name: self.group[name] for name in spec.labels}
-        self.partials = self.group[PARTIALS] if spec.partial_fields else None
+        # write_empty_chunks is a runtime setting, not stored with the array: set it on every open.
+        # Without it zarr scans each chunk for fill values and skips writing an all-zero chunk,
+        # which a reader would then find missing.
+        def member(name: str) -> zarr.Array:
+            return self.group[name].with_config({"write_empty_chunks": True})
+
+        self.arrays = {name: member(name) for name in ARRAYS}
+        self.labels = {name: member(name) for name in spec.labels}
+        self.partials = member(PARTIALS) if spec.partial_fields else None
         attrs = dict(self.group.attrs)
         self.chunk_rows = int(attrs["chunk_rows"])
         self.rows = int(attrs["rows"])
