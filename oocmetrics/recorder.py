@@ -584,16 +584,8 @@ class Recorder:
             y_true, y_pred, trailing=self._trailing, batch_index=pos.batches, row_offset=pos.rows,
             nonfinite=self.nonfinite,
         )
-        given = {name: v for name, v in zip(LABELS, (ids, groups)) if v is not None}
-        labels = [check_labels(v, name, t.shape[0], pos.batches) for name, v in given.items()]
+        given, labels = self._labels_of(ids, groups, int(t.shape[0]), pos.batches)
         if self._writer is None:
-            if self._exchange is not None and "ids" not in given and pos.batches == 0:
-                warnings.warn(
-                    f"oocmetrics: split {self.split!r} is recorded by {self.world_size} DDP ranks but "
-                    f"update() got no ids=; compute() will refuse to combine the ranks, because copies "
-                    f"padded in by DistributedSampler cannot be told apart. Pass each row's dataset index.",
-                    stacklevel=3,
-                )
             self._start_epoch(t, p, tuple(given))
         else:
             if tuple(given) != self._labels:
@@ -648,6 +640,20 @@ class Recorder:
                 for b in taken:
                     writer.release(b)
 
+    def _labels_of(self, ids: Any, groups: Any, n: int, batch: int) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """The labels given with a batch of ``n`` rows (by name) and their checked int64 arrays; under
+        DDP, a warning at an epoch's first batch when ids are missing."""
+        given = {name: v for name, v in zip(LABELS, (ids, groups)) if v is not None}
+        labels = [check_labels(v, name, n, batch) for name, v in given.items()]
+        if self._writer is None and self._exchange is not None and "ids" not in given and batch == 0:
+            warnings.warn(
+                f"oocmetrics: split {self.split!r} is recorded by {self.world_size} DDP ranks but "
+                f"update() got no ids=; compute() will refuse to combine the ranks, because copies "
+                f"padded in by DistributedSampler cannot be told apart. Pass each row's dataset index.",
+                stacklevel=4,
+            )
+        return given, labels
+
     def _labels_mismatch(self, given: dict[str, Any], batch: int) -> NoReturn:
         raise ValueError(
             f"Batch {batch} came with labels {list(given) or 'none'}, but this epoch's batches have "
@@ -661,16 +667,8 @@ class Recorder:
 
         pos = self._pos
         t, p = check_pair(y_true, y_pred, pos.batches)  # metadata only
-        given = {name: v for name, v in zip(LABELS, (ids, groups)) if v is not None}
-        labels = [check_labels(v, name, int(t.shape[0]), pos.batches) for name, v in given.items()]
+        given, labels = self._labels_of(ids, groups, int(t.shape[0]), pos.batches)
         if self._writer is None:
-            if self._exchange is not None and "ids" not in given and pos.batches == 0:
-                warnings.warn(
-                    f"oocmetrics: split {self.split!r} is recorded by {self.world_size} DDP ranks but "
-                    f"update() got no ids=; compute() will refuse to combine the ranks, because copies "
-                    f"padded in by DistributedSampler cannot be told apart. Pass each row's dataset index.",
-                    stacklevel=4,
-                )
             self._start_device_epoch(t, p, tuple(given))
         elif tuple(given) != self._labels:
             self._labels_mismatch(given, pos.batches)
