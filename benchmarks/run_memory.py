@@ -14,7 +14,8 @@ like real recordings (subjects in order, error growing over the epoch). Each sub
   exact strategy is verified, not assumed.
 
 Strategies: ``exact`` (``oocmetrics.Recorder``; its store lives under ``--out`` and is deleted
-after each run), ``sampled`` (the seed: first ``--sample-batches`` batches, but every batch kept
+after each run), ``exact_quantiles`` (the same with ``quantiles=True``: every ``compute()`` also
+takes the exact |error| quantiles per output and pooled), ``sampled`` (the seed: first ``--sample-batches`` batches, but every batch kept
 in lists), ``sampled_bounded`` (same, stops keeping batches), ``naive`` (every batch in lists,
 ``np.concatenate`` at the end). A list-based strategy that cannot fit in the memory available now
 is skipped; one that runs the machine low anyway is killed by the driver and reported as killed.
@@ -22,6 +23,7 @@ is skipped; one that runs the machine low anyway is killed by the driver and rep
     python benchmarks/run_memory.py --quick                 # CI: 20 and 80 batches, ~30 s
     flock /tmp/oocm-heavy.lock python benchmarks/run_memory.py --out bench_out/memory
     python benchmarks/run_memory.py --sizes 100 1000 --strategies exact naive
+    python benchmarks/run_memory.py --sizes 11014 --strategies exact_quantiles   # quantiles at the seed's scale
 
 Outputs under ``--out``: ``memory.json``, ``memory.png`` and a table on stdout.
 """
@@ -56,7 +58,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-STRATEGIES = ("exact", "sampled", "sampled_bounded", "naive")
+STRATEGIES = ("exact", "exact_quantiles", "sampled", "sampled_bounded", "naive")
 DEFAULT_SIZES = (100, 300, 1000, 3000, 6000, SEED_BATCHES)
 QUICK_SIZES = (20, 80)
 QUICK_STRATEGIES = ("exact", "sampled", "naive")  # ~4 s a subprocess (imports): keep CI short
@@ -69,10 +71,12 @@ BASE_PROCESS_BYTES = 1.0 * GB  # interpreter + torch + oocmetrics + dask threads
 def _make_strategy(name: str, args: argparse.Namespace, store: Path | None):
     from baselines import ConcatRecorder, SampledRecorder
 
-    if name == "exact":
+    if name in ("exact", "exact_quantiles"):
         import oocmetrics
 
-        return oocmetrics.Recorder(store, split="train", mode="overwrite")
+        # exact_quantiles: compute() also takes the exact quantiles 0.5, 0.9, 0.95, 0.99 of |e|,
+        # per output (20) and pooled: the radix-select passes over the whole stored epoch
+        return oocmetrics.Recorder(store, split="train", mode="overwrite", quantiles=name == "exact_quantiles")
     if name == "sampled":
         return SampledRecorder(max_batches=args.sample_batches, keep_all=True)
     if name == "sampled_bounded":
@@ -136,7 +140,7 @@ def child_main(args: argparse.Namespace) -> int:
     sampler.phase("close")
     c0 = clock()
     extra: dict[str, Any] = {}
-    if args.strategy == "exact":
+    if args.strategy.startswith("exact"):
         extra = {"n_rows": res.n_rows, "n_values": res.n_values, "n_skipped": res.n_skipped}
         strat.close()
         extra["store_bytes"] = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
@@ -209,7 +213,7 @@ def run_child(args: argparse.Namespace, strategy: str, n: int, workdir: Path) ->
             f"needs ~{need / GB:.1f} GB, {avail / GB:.1f} GB available ({args.reserve_gb:g} GB kept free)"
         )}
     store = None
-    if strategy == "exact":
+    if strategy.startswith("exact"):
         store = workdir / f"store-{n}"
         free = shutil.disk_usage(workdir).free
         if base["data_bytes"] * 1.1 > free - 5 * GB:
@@ -298,7 +302,7 @@ def plot(results: list[dict[str, Any]], path: Path, sample_batches: int) -> None
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    markers = {"exact": "o", "sampled": "s", "sampled_bounded": "^", "naive": "D"}
+    markers = {"exact": "o", "exact_quantiles": "x", "sampled": "s", "sampled_bounded": "^", "naive": "D"}
     sizes = sorted({r["n_batches"] for r in results})
     for strat in STRATEGIES:
         rs = [r for r in results if r["strategy"] == strat]
