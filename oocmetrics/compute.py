@@ -373,8 +373,8 @@ def _histogram_pass(
     reads = [0] if reads is None else reads
 
     def read(fold: Any) -> list[Any]:  # one pass over the data: each task folds a run of blocks
-        reads[0] += 1
-        return _fold_sum(blocks, scheduler, n_folds, fold)
+        reads[0] += 1  # under DDP a failed read on one rank is raised on all (none waits for ever)
+        return exchange.call(lambda: _fold_sum(blocks, scheduler, n_folds, fold), "an order-statistics pass")
 
     def merged(results: list[Any], shape: tuple[int, ...]) -> np.ndarray:
         total = results.pop(0) if results else np.zeros(shape, np.int64)  # a rank with no rows
@@ -675,7 +675,8 @@ def _gather_pass(
         keys_rows = np.concatenate(keys or [np.zeros(0, np.uint64)]), np.concatenate(index or [np.zeros(0, np.int64)])
         return rows.to_targets(*keys_rows)
 
-    gathered = _fold_sum(blocks, scheduler, max(1, min(_workers(scheduler), blocks.n_blocks)), fold)
+    gathered = exchange.call(lambda: _fold_sum(blocks, scheduler, max(1, min(_workers(scheduler), blocks.n_blocks)), fold),
+                             "the order-statistics gather pass")
     if exchange.size > 1:
         gathered = [g for everyone in exchange.gather(gathered) for g in everyone]
     keys = np.concatenate([g[0] for g in gathered] or [np.zeros(0, np.uint64)])

@@ -7,11 +7,13 @@ Every rank receives the same list in rank order, so every rank merges the same b
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 __all__ = ["Exchange", "TorchExchange", "ddp_world"]
+
+T = TypeVar("T")
 
 
 class Exchange:
@@ -27,6 +29,26 @@ class Exchange:
     def sum(self, array: np.ndarray) -> np.ndarray:
         """The element-wise sum of every rank's ``array`` (same shape and dtype on every rank)."""
         return array
+
+    def call(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` on this rank, then a check that it worked on every rank (a collective).
+
+        A failure on one rank is raised on every rank (its own error there, a RuntimeError naming it
+        on the others), so no rank is left waiting in the next collective.
+        """
+        if self.size == 1:
+            return fn()
+        try:
+            out, err = fn(), None
+        except BaseException as exc:  # raised below, once the other ranks know
+            out, err = None, exc
+        msgs = self.gather(None if err is None else f"{type(err).__name__}: {err}")
+        if err is not None:
+            raise err
+        bad = [f"rank {r}: {m}" for r, m in enumerate(msgs) if m is not None]
+        if bad:
+            raise RuntimeError(f"{what} failed on another rank; no result on any rank ({'; '.join(bad)}).")
+        return out  # type: ignore[return-value]
 
 
 class TorchExchange(Exchange):

@@ -143,7 +143,7 @@ def _plan(
     ddp = exchange.size > 1
     if ddp and len(local) != 1:
         raise ValueError(f"under DDP each rank computes its own one shard; got {len(local)}.")
-    described = [_describe(s) for s in local]
+    described = exchange.call(lambda: [_describe(s) for s in local], "reading the shards' ids")
     public = [d for d, _ in described]
     if ddp:
         public = [d for per_rank in exchange.gather(public) for d in per_rank]
@@ -152,6 +152,15 @@ def _plan(
     summaries: list[IdSummary | None] = [d.get("ids") for d in public]
     J = n_outputs((1, *next(d["trailing"] for d in public if d["rows"] > 0)))
     none = (np.zeros(0, np.int64), np.zeros((0, 2), np.uint64))
+    return public, exchange.call(lambda: _plan_local(local, described, first, summaries, J, none, source, scheduler),
+                                 "re-reading the chunks that hold duplicated ids")
+
+
+def _plan_local(
+    local: list[Shard], described: list[tuple[dict[str, Any], np.ndarray | None]], first: int,
+    summaries: list[IdSummary | None], J: int, none: tuple[np.ndarray, np.ndarray], source: Source, scheduler: Any,
+) -> list[_Planned]:
+    """This process's shards planned (see :class:`_Planned`)."""
     planned = []
     for k, (shard, (_, ids)) in enumerate(zip(local, described)):
         if shard.rows == 0:
@@ -171,7 +180,7 @@ def _plan(
                 for b, v in replaced.items():
                     stack[b] = v
         planned.append(_Planned(blocks, replaced, entries, stack))
-    return public, planned
+    return planned
 
 
 def block_stacks(shards: list[Shard], *, scheduler: Any = None) -> list[tuple[np.ndarray | None, Any]]:
@@ -199,16 +208,21 @@ def compute_shards(
         raise ValueError(f"source={source!r}; expected 'auto', 'partials' or 'data'.")
     metrics = resolve_metrics(metrics)
     public, planned = _plan(local, exchange, source, scheduler, split, epoch)
-    shared = []
-    for p in planned:
-        if isinstance(p.blocks, _NoBlocks):
-            merged, used = empty_partials(p.blocks.n_outputs), True
-        elif p.stack is not None:
-            merged, used = merge_tree(p.stack, split_every), True
-        else:
-            merged, used = compute_partials(p.blocks, split_every=split_every, scheduler=scheduler,
-                                            progress=progress, replaced=p.replaced), False
-        shared.append((merged, p.blocks.kept_rows, p.entries, used))
+
+    def merge_local() -> list[tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray], bool]]:
+        out = []
+        for p in planned:
+            if isinstance(p.blocks, _NoBlocks):
+                merged, used = empty_partials(p.blocks.n_outputs), True
+            elif p.stack is not None:
+                merged, used = merge_tree(p.stack, split_every), True
+            else:
+                merged, used = compute_partials(p.blocks, split_every=split_every, scheduler=scheduler,
+                                                progress=progress, replaced=p.replaced), False
+            out.append((merged, p.blocks.kept_rows, p.entries, used))
+        return out
+
+    shared = exchange.call(merge_local, "the pass over the data")
     if exchange.size > 1:
         shared = [x for per_rank in exchange.gather(shared) for x in per_rank]
     used = [u for (_, _, _, u), d in zip(shared, public) if d["rows"] > 0]

@@ -7,7 +7,9 @@ Scenarios:
   shuffle off and on, uneven batches; each rank records with ids and computes (also with quantiles
   and median_absolute_error);
 - ``missing_ids``: rank 0 records ids, the others do not: every rank must get the same ValueError;
-- ``empty_rank``: the last rank records nothing; the others' rows are the whole epoch.
+- ``empty_rank``: the last rank records nothing; the others' rows are the whole epoch;
+- ``damaged_rank``: a chunk file of rank 1's shard is deleted before compute(): every rank must get
+  an error (rank 1 its StoreError, the others a RuntimeError naming rank 1), none may hang.
 Each rank writes ``OUT/rank<r>.pkl``: its results (or the error it got).
 """
 from __future__ import annotations
@@ -90,6 +92,23 @@ def main() -> int:
                     results["error"] = None
                 except ValueError as exc:
                     results["error"] = str(exc)
+        elif scenario == "damaged_rank":  # rank 1's store loses a chunk file: every rank gets an error, none hangs
+            import zarr
+
+            from oocmetrics.store import chunk_key
+
+            with oocmetrics.Recorder(store, "val", chunk_rows=4) as rec:
+                record(rec, list(range(rank, 40, world)), rank)
+                rec.flush()
+                if rank == 1:
+                    arr_dir = Path(store) / "val.rank1" / "epoch=0" / "y_pred"
+                    (arr_dir / chunk_key(zarr.open_array(str(arr_dir), mode="r"), 0)).unlink()
+                for kwargs in ({"source": "data"}, {"quantiles": (0.5,)}):
+                    try:
+                        rec.compute(**kwargs)
+                        results.setdefault("errors", []).append(None)
+                    except (oocmetrics.StoreError, RuntimeError) as exc:
+                        results.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
         elif scenario == "empty_rank":
             with oocmetrics.Recorder(store, "val", chunk_rows=4) as rec:
                 if rank < world - 1:

@@ -118,3 +118,11 @@ def test_a_rank_that_recorded_nothing_joins_and_the_others_count(tmp_path: Path)
     assert results[0]["metrics"]["n_rows"] == 40
     assert_close(results[0]["metrics"], ref)
     assert results[0]["metrics"]["quantiles"]["pooled"] == ref.quantiles["pooled"].tolist()
+
+
+def test_a_read_failure_on_one_rank_is_an_error_on_every_rank(tmp_path: Path) -> None:
+    _, results = launch(tmp_path, 2, "damaged_rank")
+    for errors in (r["errors"] for r in results):
+        assert len(errors) == 2 and all(e is not None for e in errors)  # the data pass, then the quantiles
+    assert all(e.startswith("StoreError") and "is missing" in e for e in results[1]["errors"])
+    assert all(e.startswith("RuntimeError") and "rank 1: StoreError" in e for e in results[0]["errors"])
