@@ -130,10 +130,7 @@ class RowBlocks:
                 or getattr(getattr(codecs[0], "endian", None), "value", None) != "little"
                 or not view.flags.c_contiguous or not view.dtype.str.startswith("<")):
             if not os.path.exists(path):  # zarr would read it as fill values
-                raise StoreError(
-                    f"{path} is missing: it holds rows {lo}-{lo + view.shape[0] - 1}, which the epoch says "
-                    f"are durable. The store is damaged (restore the file, or record the epoch again)."
-                )
+                raise _missing_chunk(path, lo, view.shape[0])
             return False
         try:
             with open(path, "rb", buffering=0) as f:
@@ -146,10 +143,7 @@ class RowBlocks:
                     got += n
         except FileNotFoundError:
             # zarr would read a missing chunk as fill values (zeros): never count those as data
-            raise StoreError(
-                f"{path} is missing: it holds rows {lo}-{lo + view.shape[0] - 1}, which the epoch says are "
-                f"durable. The store is damaged (restore the file, or record the epoch again)."
-            ) from None
+            raise _missing_chunk(path, lo, view.shape[0]) from None
         return True
 
     def _borrow(self, first: bool, arr: zarr.Array) -> np.ndarray:
@@ -177,6 +171,13 @@ class RowBlocks:
         if gone is not None:  # a copy of one block, only for the few blocks holding duplicates
             t, p = np.delete(t, gone, axis=0), np.delete(p, gone, axis=0)
         return t.reshape(-1, J), p.reshape(-1, J)
+
+
+def _missing_chunk(path: str, lo: int, n: int) -> StoreError:
+    return StoreError(
+        f"{path} is missing: it holds rows {lo}-{lo + n - 1}, which the epoch says are durable. The store "
+        f"is damaged (restore the file, or record the epoch again)."
+    )
 
 
 class ShardBlocks:

@@ -30,11 +30,11 @@ class Exchange:
         """The element-wise sum of every rank's ``array`` (same shape and dtype on every rank)."""
         return array
 
-    def call(self, fn: Callable[[], T], what: str) -> T:
+    def call(self, fn: Callable[[], T], what: str, error: type[Exception] = RuntimeError) -> T:
         """``fn()`` on this rank, then a check that it worked on every rank (a collective).
 
-        A failure on one rank is raised on every rank (its own error there, a RuntimeError naming it
-        on the others), so no rank is left waiting in the next collective.
+        A failure on one rank is raised on every rank (its own error there, an ``error`` naming it on
+        the others), so no rank is left waiting in the next collective.
         """
         if self.size == 1:
             return fn()
@@ -47,7 +47,7 @@ class Exchange:
             raise err
         bad = [f"rank {r}: {m}" for r, m in enumerate(msgs) if m is not None]
         if bad:
-            raise RuntimeError(f"{what} failed on another rank; no result on any rank ({'; '.join(bad)}).")
+            raise error(f"{what} failed on another rank; no result on any rank ({'; '.join(bad)}).")
         return out  # type: ignore[return-value]
 
 

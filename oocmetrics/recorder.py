@@ -262,42 +262,26 @@ class Recorder:
 
     def _open(self, mode: Mode, epoch: int | None, lock_timeout: float) -> None:
         """Take the split's lock and decide the first epoch; under DDP all ranks agree or all raise."""
-        outcome: tuple[str, Any] = ("ok", epoch)
         ex = self._exchange
-        if ex is not None:  # rank 0 creates the store root first: no two ranks race to create it
-            failure = None
-            if ex.rank == 0:
-                try:
-                    meta_dir(open_root(self.path, create=True))
-                except BaseException as exc:
-                    failure = exc
-            first = ex.gather(None if failure is None else f"{type(failure).__name__}: {failure}")[0]
-            if failure is not None:
-                raise failure
-            if first is not None:
-                raise StoreError(f"Rank 0 could not create the store at {self.path}: {first}")
-        try:
+        if ex is None:
             self._open_local(mode, epoch, lock_timeout)
-        except BaseException as exc:
-            if self._exchange is None:
-                raise
-            outcome = ("error", exc)
-        if self._exchange is not None:
-            everyone = self._exchange.gather((outcome[0], self.epoch if outcome[0] == "ok" else None,
-                                              None if outcome[0] == "ok" else f"{type(outcome[1]).__name__}: {outcome[1]}"))
-            if outcome[0] == "error":
-                raise outcome[1]
-            failed = [(r, msg) for r, (state, _, msg) in enumerate(everyone) if state != "ok"]
-            if failed:
+            return
+        # rank 0 creates the store root first: no two ranks race to create it
+        ex.call(lambda: meta_dir(open_root(self.path, create=True)) if ex.rank == 0 else None,
+                f"creating the store at {self.path}", error=StoreError)
+        try:
+            ex.call(lambda: self._open_local(mode, epoch, lock_timeout), f"opening split {self.split!r}",
+                    error=StoreError)
+        except BaseException:
+            if not self._closed:  # opened here, failed on another rank: give the lock back
                 self._release()
-                raise StoreError(f"Recorder could not open split {self.split!r} on rank(s) "
-                                 f"{', '.join(f'{r} ({msg})' for r, msg in failed)}.")
-            # a crash may leave ranks at different epochs: redo from the earliest on every rank
-            start = min(e for _, e, _ in everyone)
-            if start != self.epoch:
-                self.epoch = start
-                if self._replace_from is not None:
-                    self._replace_from = min(self._replace_from, start)
+            raise
+        # a crash may leave ranks at different epochs: redo from the earliest on every rank
+        start = min(ex.gather(self.epoch))
+        if start != self.epoch:
+            self.epoch = start
+            if self._replace_from is not None:
+                self._replace_from = min(self._replace_from, start)
 
     def _open_local(self, mode: Mode, epoch: int | None, lock_timeout: float) -> None:
         split = self._dir_split
@@ -747,27 +731,16 @@ class Recorder:
         """Every rank flushes its shard, then all compute together; a local failure stops every rank."""
         ex = self._exchange
         assert ex is not None
-        failure: BaseException | None = None
-        try:
-            if self._pos.rows > 0:
-                self._flush()
-        except BaseException as exc:  # raised below, after the other ranks know
-            failure = exc
-        everyone = ex.gather((self.epoch, self._pos.batches,
-                              None if failure is None else f"{type(failure).__name__}: {failure}"))
-        if failure is not None:
-            raise failure
-        failed = [(r, msg) for r, (_, _, msg) in enumerate(everyone) if msg is not None]
-        if failed:
-            raise StoreError(f"compute() failed on rank(s) {', '.join(f'{r}: {m}' for r, m in failed)}.")
-        epochs = [e for e, _, _ in everyone]
+        ex.call(lambda: self._flush() if self._pos.rows > 0 else None, "compute() (flushing)", error=StoreError)
+        everyone = ex.gather((self.epoch, self._pos.batches))
+        epochs = [e for e, _ in everyone]
         if len(set(epochs)) > 1:
             raise ValueError(
                 f"The ranks are at different epochs {epochs} of split {self.split!r}; every rank must "
                 f"reset() / reset(epoch=) the same way before compute()."
             )
         result = self._compute_shards(source, qs, ex)
-        result.extra["batches"] = sum(b for _, b, _ in everyone)
+        result.extra["batches"] = sum(b for _, b in everyone)
         return result
 
     def reset(self, epoch: int | None = None) -> None:
